@@ -1,0 +1,411 @@
+"""Build, save and load crack classifiers: MobileNetV2 with a two-class head.
+
+A model file is one ``.safetensors`` file: the weights, plus a JSON metadata document stored in the
+safetensors header under the key ``crackscan``. It describes itself (timm's ``pretrained_cfg`` idea):
+classes, crack class, input size, normalisation, decision threshold, training config, metrics,
+package versions. :func:`load_model` reads it for every consumer; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+
+from crackscan.images import ImageSource
+from crackscan.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
+
+ARCHITECTURE = "mobilenet_v2"
+FORMAT = "crackscan-model"
+FORMAT_VERSION = 1
+META_KEY = "crackscan"
+FEATURE_DIM = 1280
+#: Blocks of ``features`` from this index up are fine-tuned in phase 2 (the 160- and 320-channel
+#: inverted residuals and the final 1x1 conv: 86% of the parameters, 11% of the compute at any size).
+DEFAULT_UNFREEZE_FROM = 14
+
+SHIPPED_MODEL = "crack-mobilenetv2.safetensors"
+
+
+class ModelError(ValueError):
+    """A model file that cannot be used, or weights that cannot be had; the message says what to do."""
+
+
+def build_model(num_classes: int = 2, dropout: float = 0.2) -> nn.Module:
+    """torchvision MobileNetV2 with a new head (dropout + linear), randomly initialised."""
+    model = mobilenet_v2()
+    model.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(FEATURE_DIM, num_classes))
+    nn.init.normal_(model.classifier[1].weight, 0, 0.01)
+    nn.init.zeros_(model.classifier[1].bias)
+    return model
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or from ``.pth``/``.pt`` read with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such weights file")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, ValueError, EOFError) as err:
+        raise ModelError(f"{path}: cannot read weights ({str(err).splitlines()[0]})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def load_pretrained_base(model: nn.Module, weights: str | os.PathLike | None) -> str:
+    """Put ImageNet weights into ``model.features``.
+
+    Args:
+        model: A model from :func:`build_model`.
+        weights: ``"imagenet"`` for torchvision's ``MobileNet_V2_Weights.IMAGENET1K_V1`` (downloaded to
+            the torch cache on first use), a local ``.safetensors``/``.pth`` state dict, or ``None`` /
+            ``"none"`` to train from scratch.
+
+    Returns:
+        A description of the weights used, for the run's metadata.
+    """
+    if weights is None or str(weights).lower() == "none":
+        return "none (random initialisation)"
+    if str(weights).lower() == "imagenet":
+        try:
+            state = MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        except Exception as err:  # urllib, ssl, socket: all mean "no weights"
+            raise ModelError(
+                "cannot download torchvision's ImageNet weights for MobileNetV2 "
+                f"({type(err).__name__}: {err}). Offline? Pass a local state dict with "
+                "--weights FILE (.safetensors or .pth), or --weights none to train from scratch."
+            ) from None
+        source = f"torchvision {MobileNet_V2_Weights.IMAGENET1K_V1}"
+    else:
+        state = read_state_dict(weights)
+        source = f"file {Path(weights).resolve()}"
+    features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    if not features:
+        raise ModelError(f"{weights}: no 'features.*' tensors: not a torchvision MobileNetV2 state dict")
+    try:
+        model.features.load_state_dict(features, strict=True)
+    except RuntimeError as err:
+        raise ModelError(f"{weights}: does not fit MobileNetV2: {str(err).splitlines()[1:2]}") from None
+    return source
+
+
+def split_base(model: nn.Module, unfreeze_from: int) -> tuple[nn.Module, nn.Module]:
+    """The frozen lower base and the trainable rest (upper base, pooling, head) as two callables."""
+    lower = model.features[:unfreeze_from]
+    upper = nn.Sequential(
+        model.features[unfreeze_from:], nn.AdaptiveAvgPool2d(1), nn.Flatten(1), model.classifier
+    )
+    return lower, upper
+
+
+@dataclass
+class Prediction:
+    """One image's result. ``error`` is set (and the numbers are NaN) when the image could not be read."""
+
+    source: str
+    probability: float
+    label: str
+    is_crack: bool
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.source,
+            "crack_probability": None if self.error else round(self.probability, 6),
+            "label": self.label,
+            "error": self.error,
+        }
+
+
+@dataclass
+class CrackModel:
+    """A loaded classifier and its metadata: what every command uses.
+
+    Attributes:
+        module: The PyTorch network, in eval mode, channels_last.
+        meta: The metadata document stored with the weights.
+    """
+
+    module: nn.Module
+    meta: dict[str, Any]
+    path: str = ""
+    _onnx: Any = field(default=None, repr=False)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def crack_index(self) -> int:
+        return int(self.meta["crack_index"])
+
+    @property
+    def crack_class(self) -> str:
+        return self.classes[self.crack_index]
+
+    @property
+    def input_size(self) -> int:
+        return int(self.meta["input_size"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta.get("threshold", 0.5))
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return tuple(self.meta["mean"])
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return tuple(self.meta["std"])
+
+    def label_for(self, probability: float, threshold: float | None = None) -> str:
+        """The class name for a crack probability at the model's (or a given) threshold."""
+        t = self.threshold if threshold is None else threshold
+        if probability >= t:
+            return self.crack_class
+        others = [c for i, c in enumerate(self.classes) if i != self.crack_index]
+        return others[0]
+
+    def preprocess(self, pixels: np.ndarray) -> torch.Tensor:
+        """NxHxWx3 uint8 at the input size -> normalised float batch."""
+        return normalize_batch(pixels, self.mean, self.std)
+
+    @torch.inference_mode()
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        """Raw logits for NxHxWx3 uint8 patches at the input size, with the PyTorch network."""
+        return self.module(self.preprocess(pixels)).float().numpy()
+
+    def crack_probability(self, pixels: np.ndarray, backend: str = "auto") -> np.ndarray:
+        """Crack probabilities for NxHxWx3 uint8 patches at the input size.
+
+        Args:
+            pixels: Patches already decoded and resized (see :class:`crackscan.transforms.EvalPreset`).
+            backend: ``"torch"``, ``"onnx"`` (ONNX Runtime) or ``"auto"`` (ONNX Runtime when installed).
+        """
+        if len(pixels) == 0:
+            return np.zeros(0, dtype=np.float32)
+        if resolve_backend(backend) == "onnx":
+            if self._onnx is None:
+                from crackscan.export import OnnxRunner
+
+                self._onnx = OnnxRunner.from_model(self)
+            logits = self._onnx.logits(pixels)
+        else:
+            logits = self.logits(pixels)
+        return softmax(logits)[:, self.crack_index]
+
+    def predict(
+        self,
+        images: Iterable[ImageSource] | ImageSource,
+        *,
+        batch_size: int = 64,
+        threshold: float | None = None,
+        backend: str = "auto",
+    ) -> list[Prediction]:
+        """Classify images (paths, bytes or streams); an unreadable one gets a Prediction with ``error`` set."""
+        from crackscan.predict import predict_sources
+
+        if isinstance(images, (str, os.PathLike, bytes)):
+            images = [images]
+        return list(predict_sources(self, images, batch_size=batch_size, threshold=threshold, backend=backend))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write weights and metadata to one ``.safetensors`` file (atomically)."""
+        return save_model(path, self.module, self.meta)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def resolve_backend(backend: str) -> str:
+    """``"auto"`` -> ``"onnx"`` when onnxruntime and onnx are importable, else ``"torch"``."""
+    if backend not in ("auto", "torch", "onnx"):
+        raise ValueError(f"unknown backend {backend!r}: use auto, torch or onnx")
+    if backend != "auto":
+        return backend
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "onnx"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions that a result depends on, recorded in every model file."""
+    import PIL
+    import torchvision
+
+    from crackscan import __version__
+
+    return {
+        "crackscan": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def make_meta(
+    *,
+    classes: Sequence[str],
+    crack_index: int,
+    input_size: int,
+    dropout: float = 0.2,
+    threshold: float = 0.5,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A metadata document with the fields :func:`load_model` requires, plus anything in ``extra``."""
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": ARCHITECTURE,
+        "num_classes": len(classes),
+        "dropout": dropout,
+        "classes": list(classes),
+        "crack_index": int(crack_index),
+        "crack_class": classes[crack_index],
+        "input_size": int(input_size),
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "threshold": float(threshold),
+        "threshold_source": "default 0.5",
+        "versions": package_versions(),
+    }
+    meta.update(extra)
+    return meta
+
+
+def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """save_file to a temporary file in the same folder, fsync, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_model(path: str | os.PathLike, module: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write a model file: the state dict plus ``meta`` as JSON in the safetensors header."""
+    return atomic_save_tensors(path, module.state_dict(), {META_KEY: json.dumps(meta)})
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a model file, without loading its weights."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelError(f"{path}: not a readable safetensors model file ({err})") from None
+    if META_KEY not in header:
+        raise ModelError(f"{path}: no crackscan metadata: a plain state dict is not a crackscan model")
+    try:
+        meta = json.loads(header[META_KEY])
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{path}: crackscan metadata is not valid JSON ({err})") from None
+    return meta
+
+
+def _check_meta(path: str, meta: dict[str, Any]) -> None:
+    required = ("architecture", "classes", "crack_index", "input_size", "mean", "std")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise ModelError(f"{path}: metadata lacks {', '.join(missing)}")
+    if meta.get("format_version", 1) > FORMAT_VERSION:
+        raise ModelError(f"{path}: written by a newer crackscan (format {meta['format_version']}); upgrade")
+    if meta["architecture"] != ARCHITECTURE:
+        raise ModelError(f"{path}: architecture {meta['architecture']!r} is not {ARCHITECTURE!r}")
+    classes = meta["classes"]
+    if not isinstance(classes, list) or len(classes) < 2:
+        raise ModelError(f"{path}: metadata must name at least two classes")
+    if not 0 <= int(meta["crack_index"]) < len(classes):
+        raise ModelError(f"{path}: crack_index {meta['crack_index']} is outside the {len(classes)} classes")
+    size = int(meta["input_size"])
+    if not 32 <= size <= 1024:
+        raise ModelError(f"{path}: input_size {size} is outside 32..1024")
+    if not 0.0 <= float(meta.get("threshold", 0.5)) <= 1.0:
+        raise ModelError(f"{path}: threshold must lie in [0, 1]")
+
+
+def default_model_path() -> Path:
+    """The model shipped inside the package."""
+    return Path(str(resources.files("crackscan") / "weights" / SHIPPED_MODEL))
+
+
+def load_model(path: str | os.PathLike | None = None) -> CrackModel:
+    """Load a crackscan model file (the shipped model when ``path`` is None).
+
+    Raises:
+        ModelError: The file is missing, not a crackscan model, or its tensors don't fit its metadata.
+    """
+    path = Path(path) if path is not None else default_model_path()
+    if path.is_dir():
+        candidate = path / "model.safetensors"
+        if not candidate.is_file():
+            raise ModelError(f"{path}: a folder without model.safetensors (is it a training run folder?)")
+        path = candidate
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    if path.suffix != ".safetensors":
+        raise ModelError(f"{path}: crackscan models are .safetensors files (no pickle is ever loaded)")
+    meta = read_meta(path)
+    _check_meta(str(path), meta)
+    module = build_model(num_classes=len(meta["classes"]), dropout=float(meta.get("dropout", 0.2)))
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ModelError(f"{path}: cannot read tensors ({err})") from None
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ModelError(
+            f"{path}: tensors do not match a {meta['architecture']} with {len(meta['classes'])} classes "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+        )
+    wrong = [k for k in expected if tuple(expected[k].shape) != tuple(state[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise ModelError(
+            f"{path}: tensor {k} has shape {tuple(state[k].shape)}, expected {tuple(expected[k].shape)} "
+            f"for the metadata's {len(meta['classes'])} classes"
+        )
+    module.load_state_dict(state)
+    module.eval().to(memory_format=torch.channels_last)
+    return CrackModel(module=module, meta=meta, path=str(path))
+

@@ -1,0 +1,74 @@
+"""Classify many images fast: decode on worker threads while the network runs, never stop on a bad file."""
+
+from __future__ import annotations
+
+import glob
+import os
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from crackscan.images import ImageError, ImageSource, describe, is_image_path, load_patch
+from crackscan.model import CrackModel, Prediction
+from crackscan.runtime import cpu_count
+
+
+def expand_paths(items: Iterable[str | os.PathLike]) -> Iterator[Path]:
+    """Files, folders (searched recursively for image files) and glob patterns, in a stable order.
+
+    A name that matches nothing is still yielded, so that the reader reports it as missing.
+    """
+    for item in items:
+        text = str(item)
+        path = Path(text)
+        if path.is_dir() and not is_image_path(path):
+            yield from sorted(p for p in path.rglob("*") if is_image_path(p) and not p.is_dir())
+        elif not path.exists() and not path.is_symlink() and glob.has_magic(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            yield from (Path(m) for m in matches) if matches else [path]
+        else:
+            yield path
+
+
+def _decode(source: ImageSource, size: int) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return load_patch(source, size), None
+    except ImageError as err:
+        return None, str(err)
+    except Exception as err:  # a decoder bug must not end a batch of thousands
+        return None, f"{describe(source)}: cannot decode ({type(err).__name__}: {err})"
+
+
+def predict_sources(
+    model: CrackModel,
+    sources: Iterable[ImageSource],
+    *,
+    batch_size: int = 64,
+    threshold: float | None = None,
+    backend: str = "auto",
+    workers: int | None = None,
+) -> Iterator[Prediction]:
+    """Yield one Prediction per source, in order; unreadable sources yield a Prediction with ``error``."""
+    size = model.input_size
+    workers = workers or max(2, cpu_count())
+    iterator = iter(sources)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # Decode the next batch while this one runs through the network (PIL releases the GIL).
+        pending = list(pool.map(lambda s: (s, _decode(s, size)), islice(iterator, batch_size)))
+        while pending:
+            future_batch = pool.map(lambda s: (s, _decode(s, size)), list(islice(iterator, batch_size)))
+            good = [(i, px) for i, (_, (px, _)) in enumerate(pending) if px is not None]
+            probs = np.full(len(pending), np.nan, dtype=np.float32)
+            if good:
+                probs[[i for i, _ in good]] = model.crack_probability(np.stack([px for _, px in good]), backend)
+            for (source, (_, error)), p in zip(pending, probs):
+                name = describe(source)
+                if error is not None:
+                    yield Prediction(source=name, probability=float("nan"), label="error", is_crack=False, error=error)
+                else:
+                    label = model.label_for(float(p), threshold)
+                    yield Prediction(source=name, probability=float(p), label=label, is_crack=label == model.crack_class)
+            pending = list(future_batch)
