@@ -1,0 +1,214 @@
+"""Honest evaluation: metrics with confidence intervals, curves, the errors, and threshold choice.
+
+Patches from one photo are correlated, so when groups are known the intervals for F1 and ROC-AUC come
+from a *cluster* bootstrap (resampling whole groups), and accuracy/precision/recall use Wilson
+intervals on the counts (which assume independence and are therefore labelled as such in the JSON).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_curve,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+Z95 = 1.959963984540054
+
+
+def wilson(successes: int, total: int) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion."""
+    if total == 0:
+        return (float("nan"), float("nan"))
+    p = successes / total
+    denom = 1 + Z95**2 / total
+    centre = (p + Z95**2 / (2 * total)) / denom
+    half = Z95 * np.sqrt(p * (1 - p) / total + Z95**2 / (4 * total**2)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _safe_auc(y: np.ndarray, prob: np.ndarray) -> float:
+    return float(roc_auc_score(y, prob)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def bootstrap_ci(
+    y: np.ndarray, prob: np.ndarray, pred: np.ndarray, groups: Sequence[str] | None, n: int = 1000, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """95% percentile intervals for F1 and ROC-AUC, resampling groups (or images when none are given)."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        units = [np.array([i]) for i in range(len(y))]
+    else:
+        index: dict[str, list[int]] = {}
+        for i, g in enumerate(groups):
+            index.setdefault(g, []).append(i)
+        units = [np.array(v) for v in index.values()]
+    f1s, aucs = [], []
+    for _ in range(n):
+        pick = np.concatenate([units[j] for j in rng.integers(0, len(units), len(units))])
+        yy = y[pick]
+        f1s.append(f1_score(yy, pred[pick], zero_division=0))
+        aucs.append(_safe_auc(yy, prob[pick]))
+    out = {"f1_ci": tuple(np.nanpercentile(f1s, [2.5, 97.5]).tolist())}
+    aucs_arr = np.array(aucs)
+    out["roc_auc_ci"] = (
+        tuple(np.nanpercentile(aucs_arr, [2.5, 97.5]).tolist()) if np.isfinite(aucs_arr).any() else (float("nan"),) * 2
+    )
+    return out
+
+
+def compute_metrics(
+    y: np.ndarray, prob: np.ndarray, threshold: float, *, groups: Sequence[str] | None = None, n_boot: int = 1000
+) -> dict[str, Any]:
+    """Accuracy, precision, recall, F1 and ROC-AUC with 95% intervals, and the confusion matrix.
+
+    Args:
+        y: 1 for crack, 0 for no crack.
+        prob: Crack probabilities.
+        threshold: Probability at or above which an image is called a crack.
+        groups: Group (photo/block) of each image, for a cluster bootstrap.
+    """
+    y = np.asarray(y, dtype=int)
+    prob = np.asarray(prob, dtype=float)
+    pred = (prob >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel().tolist()
+    metrics: dict[str, Any] = {
+        "n": int(len(y)),
+        "n_crack": int(y.sum()),
+        "threshold": float(threshold),
+        "accuracy": float(accuracy_score(y, pred)),
+        "precision": float(precision_score(y, pred, zero_division=0)),
+        "recall": float(recall_score(y, pred, zero_division=0)),
+        "f1": float(f1_score(y, pred, zero_division=0)),
+        "roc_auc": _safe_auc(y, prob),
+        "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+        "accuracy_ci": wilson(tp + tn, len(y)),
+        "precision_ci": wilson(tp, tp + fp),
+        "recall_ci": wilson(tp, tp + fn),
+        "ci_method": "Wilson (accuracy, precision, recall); "
+        + ("cluster bootstrap over groups" if groups is not None else "bootstrap over images")
+        + f", {n_boot} resamples (F1, ROC-AUC)",
+    }
+    metrics.update(bootstrap_ci(y, prob, pred, groups, n=n_boot))
+    return metrics
+
+
+def threshold_for_recall(y: np.ndarray, prob: np.ndarray, target: float) -> float:
+    """The highest threshold whose recall on (validation) data reaches ``target``.
+
+    The highest such threshold keeps precision as high as the recall requirement allows.
+    """
+    if not 0 < target <= 1:
+        raise ValueError(f"target recall must be in (0, 1], got {target}")
+    y = np.asarray(y, dtype=int)
+    positives = np.sort(np.asarray(prob)[y == 1])[::-1]
+    if len(positives) == 0:
+        raise ValueError("no crack images in the validation data: cannot choose a threshold for recall")
+    k = int(np.ceil(target * len(positives)))  # this many positives must score >= threshold
+    return float(positives[k - 1])
+
+
+def write_report(
+    out_dir: Path,
+    metrics: dict[str, Any],
+    y: np.ndarray,
+    prob: np.ndarray,
+    files: Sequence[str],
+    pixels: np.ndarray | None,
+    classes: Sequence[str],
+    crack_index: int,
+) -> None:
+    """metrics.json, predictions.csv, confusion/ROC/PR plots and the gallery of misclassified images."""
+    from crackscan import plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    threshold = metrics["threshold"]
+    with open(out_dir / "predictions.csv", "w", encoding="utf-8") as handle:
+        handle.write("file,true_label,crack_probability,predicted_label,correct\n")
+        names = {1: classes[crack_index], 0: next(c for i, c in enumerate(classes) if i != crack_index)}
+        for f, t, p in zip(files, y, prob):
+            pred = int(p >= threshold)
+            handle.write(f'"{f}",{names[int(t)]},{p:.6f},{names[pred]},{int(pred == t)}\n')
+    plots.confusion_plot(metrics["confusion"], classes, crack_index, out_dir / "confusion.png")
+    if 0 < int(np.sum(y)) < len(y):
+        fpr, tpr, _ = roc_curve(y, prob)
+        precision, recall, _ = precision_recall_curve(y, prob)
+        plots.roc_pr_plots(fpr, tpr, precision, recall, metrics, out_dir / "roc.png", out_dir / "pr.png")
+    if pixels is not None:
+        wrong = np.flatnonzero((prob >= threshold).astype(int) != y)
+        plots.prediction_grid(
+            pixels[wrong], y[wrong], prob[wrong], threshold, [files[i] for i in wrong], classes, crack_index,
+            out_dir / "misclassified.png", title=f"Misclassified: {len(wrong)} of {len(y)}",
+        )
+
+
+def evaluate(
+    model_path: str | Path | None,
+    data: str | Path,
+    out_dir: str | Path,
+    *,
+    split_csv: str | Path | None = None,
+    split: str = "test",
+    target_recall: float | None = None,
+    backend: str = "auto",
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a model on a labelled folder and write the full report to ``out_dir``.
+
+    Args:
+        model_path: A model file (None: the shipped model).
+        data: A folder with one subfolder per class.
+        out_dir: Where metrics.json and the plots go.
+        split_csv: A run's split.csv: evaluate only its ``split`` rows (and pick thresholds on its ``val``).
+        split: Which split of ``split_csv`` to score.
+        target_recall: Choose the threshold reaching this recall on the validation rows of ``split_csv``
+            and store it in the model file; needs ``split_csv``.
+        backend: Inference backend (see :meth:`crackscan.model.CrackModel.crack_probability`).
+    """
+    from crackscan.data import DataError, apply_split, load_dataset, read_split
+    from crackscan.model import load_model
+
+    model = load_model(model_path)
+    dataset = load_dataset(data, model.input_size, crack_class=model.crack_class, quiet=quiet)
+    if split_csv is not None:
+        apply_split(dataset, read_split(split_csv))
+        idx = dataset.indices(split)
+        if len(idx) == 0:
+            raise DataError(f"{split_csv}: no '{split}' rows match files under {data}")
+    else:
+        idx = np.arange(len(dataset.samples))
+    positive = dataset.classes[dataset.crack_index]
+    if positive != model.crack_class:
+        raise DataError(f"the data's crack class {positive!r} differs from the model's {model.crack_class!r}")
+    if target_recall is not None:
+        if split_csv is None:
+            raise DataError("--target-recall needs --split RUN/split.csv so the threshold is chosen on validation data")
+        val = dataset.indices("val")
+        val_prob = model.crack_probability(dataset.pixels[val], backend)
+        threshold = threshold_for_recall((dataset.labels(val) == dataset.crack_index).astype(int), val_prob, target_recall)
+        model.meta["threshold"] = threshold
+        model.meta["threshold_source"] = f"validation split of {Path(split_csv).name}, target recall {target_recall}"
+        model.save(model.path)
+        if not quiet:
+            print(f"threshold {threshold:.4f} reaches recall {target_recall} on validation; saved in {model.path}")
+    y = (dataset.labels(idx) == dataset.crack_index).astype(int)
+    prob = model.crack_probability(dataset.pixels[idx], backend)
+    groups = [dataset.samples[i].group for i in idx] if split_csv is not None else None
+    metrics = compute_metrics(y, prob, model.threshold, groups=groups)
+    metrics["model"] = model.path
+    metrics["data"] = str(data)
+    metrics["skipped_files"] = [f"{p.file}: {p.reason}" for p in dataset.problems]
+    out = Path(out_dir)
+    write_report(out, metrics, y, prob, [dataset.samples[i].rel for i in idx], dataset.pixels[idx], dataset.classes, dataset.crack_index)
+    return metrics

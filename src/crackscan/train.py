@@ -1,0 +1,579 @@
+"""Two-phase transfer learning, fast on a CPU: frozen base + new head, then fine-tuning of the upper base.
+
+How it stays fast without changing what is learned: the lower base (``features[:unfreeze_from]``) is
+frozen in *both* phases, so its output for a given input never changes. crackscan runs it once per
+image and augmented view, keeps the activations, and trains everything above on that cache:
+
+* phase 1 ("head"): the upper base is frozen too, so each view is reduced once more to its 1280-d
+  pooled feature and the head trains on vectors in seconds;
+* phase 2 ("finetune"): the upper base and the head train at a lower learning rate on the cached
+  lower activations, which costs about a tenth of a full forward/backward pass.
+
+Every epoch ends with an atomic checkpoint (weights, optimizer, scheduler, history) so a run can be
+resumed after Ctrl-C or a crash with ``crackscan train --resume RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from crackscan.data import (
+    Dataset,
+    apply_split,
+    assign_groups,
+    load_dataset,
+    read_split,
+    split_groups,
+    write_problems,
+    write_split,
+)
+from crackscan.model import (
+    DEFAULT_UNFREEZE_FROM,
+    META_KEY,
+    CrackModel,
+    atomic_save_tensors,
+    build_model,
+    load_pretrained_base,
+    make_meta,
+    save_model,
+    split_base,
+)
+from crackscan.transforms import IMAGENET_MEAN, IMAGENET_STD, Augment, TrainPreset, normalize_batch
+
+CHECKPOINT = "checkpoint.safetensors"
+MODEL = "model.safetensors"
+PHASES = ("head", "finetune")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved in the run folder and the model file."""
+
+    data: str
+    out: str = "runs"
+    name: str | None = None
+    weights: str | None = "imagenet"
+    input_size: int = 128
+    batch_size: int = 64
+    head_epochs: int = 10
+    finetune_epochs: int = 6
+    head_lr: float = 1e-3
+    finetune_lr: float = 2e-4
+    weight_decay: float = 1e-4
+    dropout: float = 0.2
+    unfreeze_from: int = DEFAULT_UNFREEZE_FROM
+    batchnorm: str = "frozen"  # "frozen": fine-tuned blocks keep ImageNet BN statistics; "train": update them
+    views: int = 3  # augmented views cached per training image
+    patience: int = 3  # epochs without a better validation loss before a phase stops early
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    augment: Augment = field(default_factory=Augment)
+    crack_class: str | None = None
+    manifest: str | None = None
+    run_length: int = 500
+    target_recall: float | None = None
+    quiet: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["augment"] = self.augment.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        d["augment"] = Augment(**d.get("augment", {}))
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_path: Path
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    interrupted: bool = False
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training; the last finished epoch is saved and the run can be resumed."""
+
+    def __init__(self, run_dir: Path, epoch: int):
+        super().__init__(
+            f"interrupted during epoch {epoch + 1}; epochs 1-{epoch} are saved in {run_dir}. "
+            f"Continue with: crackscan train --resume {run_dir}"
+        )
+        self.run_dir = run_dir
+
+
+def new_run_dir(out: str | Path, name: str | None) -> Path:
+    """``out/name`` or ``out/train-YYYYmmdd-HHMMSS``, made unique with a numeric suffix."""
+    base = Path(out) / (name or datetime.now().strftime("train-%Y%m%d-%H%M%S"))
+    path, n = base, 2
+    while path.exists():
+        path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    path.mkdir(parents=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# The activation cache
+
+
+@torch.inference_mode()
+def run_lower(lower: nn.Module, pixels: np.ndarray, mean, std, batch_size: int, desc: str, quiet: bool) -> torch.Tensor:
+    """The frozen lower base over NxSxSx3 uint8 pixels -> float16 activations (half the memory)."""
+    chunks = []
+    for start in tqdm(range(0, len(pixels), batch_size), desc=desc, unit="batch", disable=quiet, leave=False):
+        x = normalize_batch(pixels[start : start + batch_size], mean, std)
+        chunks.append(lower(x).to(torch.float16))
+    return torch.cat(chunks)
+
+
+def augmented_views(pixels: np.ndarray, preset: TrainPreset, views: int, seed: int) -> list[np.ndarray]:
+    """``views`` augmented copies of every image, each reproducible from (seed, view, index)."""
+    out = []
+    for v in range(views):
+        view = np.empty_like(pixels)
+        for i in range(len(pixels)):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + v * 100_003 + i)
+            t = torch.from_numpy(pixels[i]).permute(2, 0, 1)
+            view[i] = preset(t, g).permute(1, 2, 0).numpy()
+        out.append(view)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, plain = {}, {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{key}"] = value
+            else:
+                plain[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "plain": plain}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for name, value in info["plain"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+
+
+def save_checkpoint(path: Path, model: nn.Module, opt, sched, progress: dict[str, Any]) -> None:
+    """Weights, optimizer and scheduler state and progress, written atomically."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt_tensors, opt_info = _optimizer_tensors(opt)
+    tensors.update(opt_tensors)
+    doc = dict(progress, optimizer=opt_info, scheduler=sched.state_dict())
+    atomic_save_tensors(path, tensors, {META_KEY: json.dumps(doc)})
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        doc = json.loads(handle.metadata()[META_KEY])
+    return load_file(str(path)), doc
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _set_trainable(model: nn.Module, unfreeze_from: int, phase: str, batchnorm: str) -> list[nn.Parameter]:
+    """Freeze/unfreeze for a phase and put modules in the right mode; returns the trainable parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    trainable: list[nn.Module] = [model.classifier]
+    if phase == "finetune":
+        trainable.append(model.features[unfreeze_from:])
+    for module in trainable:
+        module.train()
+        for p in module.parameters():
+            p.requires_grad_(True)
+        if batchnorm == "frozen":
+            # Small crack batches give noisy BN statistics; keeping ImageNet's measured better here.
+            for m in module.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _make_optimizer(params, lr: float, weight_decay: float, steps: int):
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=lr * 0.01)
+    return opt, sched
+
+
+class Trainer:
+    """Runs the two phases over the cached activations. It sees the network only as callables."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, model: nn.Module, dataset: Dataset, writer=None):
+        self.config = config
+        self.run_dir = run_dir
+        self.model = model
+        self.dataset = dataset
+        self.writer = writer
+        self.lower, self.upper = split_base(model, config.unfreeze_from)
+        self.history: list[dict[str, Any]] = []
+        self.best_val_loss = math.inf
+        self.best_epoch = 0
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    # -- caches -------------------------------------------------------------------------------
+    def build_caches(self) -> None:
+        c, ds = self.config, self.dataset
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        train_idx, val_idx = ds.indices("train"), ds.indices("val")
+        self.y_train = torch.from_numpy(ds.labels(train_idx))
+        self.y_val = torch.from_numpy(ds.labels(val_idx))
+        preset = TrainPreset(c.input_size, c.augment)
+        augmenting = c.augment != Augment.none()
+        n_views = max(1, c.views if augmenting else 1)
+        t0 = time.perf_counter()
+        views = augmented_views(ds.pixels[train_idx], preset, n_views, c.seed) if augmenting else [ds.pixels[train_idx]]
+        self.lower.eval()
+        self.train_cache = torch.stack(
+            [run_lower(self.lower, v, mean, std, 128, f"base view {i + 1}/{n_views}", c.quiet) for i, v in enumerate(views)]
+        )
+        self.val_cache = run_lower(self.lower, ds.pixels[val_idx], mean, std, 128, "base val", c.quiet)
+        self.cache_seconds = time.perf_counter() - t0
+        self.sample_views = views[0][: min(16, len(views[0]))]
+
+    @torch.inference_mode()
+    def _pooled(self, cache: torch.Tensor) -> torch.Tensor:
+        """Frozen upper base + pooling over a cache of lower activations -> N x 1280."""
+        upper_base = nn.Sequential(*list(self.upper.children())[:-1])  # everything but the head
+        upper_base.eval()
+        return torch.cat([upper_base(cache[i : i + 256].float()) for i in range(0, len(cache), 256)])
+
+    # -- one epoch ----------------------------------------------------------------------------
+    def _epoch(self, phase: str, epoch: int, opt, sched, inputs) -> tuple[float, float]:
+        c = self.config
+        g = torch.Generator().manual_seed(c.seed * 7919 + epoch)
+        n = len(self.y_train)
+        order = torch.randperm(n, generator=g)
+        view_of = torch.randint(0, inputs.shape[0], (n,), generator=g)
+        forward = self.model.classifier if phase == "head" else self.upper
+        total_loss, correct, seen = 0.0, 0, 0
+        bs = c.batch_size
+        bar = tqdm(range(0, n, bs), desc=f"epoch {epoch + 1} ({phase})", unit="batch", disable=c.quiet, leave=False)
+        for start in bar:
+            idx = order[start : start + bs]
+            x = inputs[view_of[idx], idx].float()
+            if x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = self.y_train[idx]
+            logits = forward(x)
+            loss = self.loss_fn(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += float(loss) * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(idx)
+        return total_loss / seen, correct / seen
+
+    @torch.inference_mode()
+    def _validate(self, phase: str, val_inputs: torch.Tensor) -> tuple[float, float]:
+        forward = self.model.classifier if phase == "head" else self.upper
+        was = [m.training for m in self.model.modules()]
+        self.model.eval()
+        logits = torch.cat([forward(val_inputs[i : i + 256].float()) for i in range(0, len(val_inputs), 256)])
+        for m, t in zip(self.model.modules(), was):
+            m.train(t)
+        loss = float(self.loss_fn(logits, self.y_val))
+        return loss, float((logits.argmax(1) == self.y_val).float().mean())
+
+    # -- the phases ---------------------------------------------------------------------------
+    def fit(self, resume: tuple[dict, dict] | None = None) -> None:
+        c = self.config
+        start_phase, start_epoch, phase_epoch0 = 0, 0, 0
+        if resume is not None:
+            tensors, doc = resume
+            self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            self.history = doc["history"]
+            self.best_val_loss, self.best_epoch = doc["best_val_loss"], doc["best_epoch"]
+            start_phase, start_epoch = PHASES.index(doc["phase"]), doc["epoch"]
+            phase_epoch0 = doc["phase_epoch"]
+            if doc["phase_done"]:
+                start_phase, phase_epoch0 = start_phase + 1, 0
+        epoch = start_epoch
+        steps_per_epoch = math.ceil(len(self.y_train) / c.batch_size)
+        for p in range(start_phase, len(PHASES)):
+            phase = PHASES[p]
+            n_epochs = c.head_epochs if phase == "head" else c.finetune_epochs
+            if n_epochs <= 0:
+                continue
+            lr = c.head_lr if phase == "head" else c.finetune_lr
+            params = _set_trainable(self.model, c.unfreeze_from, phase, c.batchnorm)
+            opt, sched = _make_optimizer(params, lr, c.weight_decay, n_epochs * steps_per_epoch)
+            bad_epochs = 0
+            if resume is not None and phase_epoch0 > 0:
+                tensors, doc = resume
+                _load_optimizer(opt, tensors, doc["optimizer"])
+                sched.load_state_dict(doc["scheduler"])
+                bad_epochs = doc["bad_epochs"]
+            if phase == "head":
+                train_in, val_in = self._pooled(self.train_cache.flatten(0, 1)), self._pooled(self.val_cache)
+                train_in = train_in.view(self.train_cache.shape[0], -1, train_in.shape[-1])
+            else:
+                train_in, val_in = self.train_cache, self.val_cache
+            for phase_epoch in range(phase_epoch0, n_epochs):
+                t0 = time.perf_counter()
+                lr_now = opt.param_groups[0]["lr"]
+                try:
+                    train_loss, train_acc = self._epoch(phase, epoch, opt, sched, train_in)
+                except KeyboardInterrupt:
+                    raise TrainingInterrupted(self.run_dir, epoch) from None
+                val_loss, val_acc = self._validate(phase, val_in)
+                improved = val_loss < self.best_val_loss - 1e-6
+                if improved:
+                    self.best_val_loss, self.best_epoch = val_loss, epoch + 1
+                    save_model(self.run_dir / "best.safetensors", self.model, {"epoch": epoch + 1})
+                bad_epochs = 0 if improved else bad_epochs + 1
+                done = bad_epochs >= c.patience or phase_epoch + 1 == n_epochs
+                row = {
+                    "epoch": epoch + 1,
+                    "phase": phase,
+                    "train_loss": round(train_loss, 6),
+                    "train_acc": round(train_acc, 6),
+                    "val_loss": round(val_loss, 6),
+                    "val_acc": round(val_acc, 6),
+                    "lr": lr_now,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                }
+                self.history.append(row)
+                epoch += 1
+                progress = {
+                    "epoch": epoch,
+                    "phase": phase,
+                    "phase_epoch": phase_epoch + 1,
+                    "phase_done": done,
+                    "bad_epochs": bad_epochs,
+                    "best_val_loss": self.best_val_loss,
+                    "best_epoch": self.best_epoch,
+                    "history": self.history,
+                }
+                # The checkpoint is the record; history.csv is rewritten from it and can never disagree.
+                save_checkpoint(self.run_dir / CHECKPOINT, self.model, opt, sched, progress)
+                write_history(self.run_dir / "history.csv", self.history)
+                self._log(row, improved)
+                if done:
+                    break
+            phase_epoch0 = 0
+            resume = None
+
+    def _log(self, row: dict[str, Any], improved: bool) -> None:
+        if self.writer is not None:
+            step = row["epoch"]
+            for key in ("train_loss", "val_loss"):
+                self.writer.add_scalar(f"loss/{key[:-5]}", row[key], step)
+            for key in ("train_acc", "val_acc"):
+                self.writer.add_scalar(f"accuracy/{key[:-4]}", row[key], step)
+            self.writer.add_scalar("learning_rate", row["lr"], step)
+            self.writer.add_scalar("phase", PHASES.index(row["phase"]) + 1, step)
+        if not self.config.quiet:
+            mark = " *" if improved else ""
+            print(
+                f"epoch {row['epoch']:>2} {row['phase']:<8} train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+                f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | lr {row['lr']:.2e} | {row['seconds']:.1f}s{mark}",
+                flush=True,
+            )
+
+
+def write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as handle:
+        fields = ["epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def read_history(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+
+
+def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
+    """Train a crack classifier and leave a complete run folder behind.
+
+    Args:
+        config: What to train on and how. Ignored except for ``quiet`` when ``resume`` is given: a
+            resumed run continues with the configuration it was started with.
+        resume: A run folder with a ``checkpoint.safetensors`` to continue from.
+
+    Raises:
+        TrainingInterrupted: Ctrl-C; the run folder holds every finished epoch.
+        DataError, ModelError: Unusable data or weights, with a message saying what to do.
+    """
+    from crackscan import plots
+    from crackscan.evaluate import compute_metrics, threshold_for_recall, write_report
+
+    started = time.perf_counter()
+    checkpoint = None
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / CHECKPOINT).is_file():
+            raise FileNotFoundError(f"{run_dir}: no {CHECKPOINT} to resume from (did the first epoch finish?)")
+        quiet = config.quiet
+        config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        config.quiet = quiet
+        checkpoint = read_checkpoint(run_dir / CHECKPOINT)
+    else:
+        run_dir = new_run_dir(config.out, config.name)
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    torch.manual_seed(config.seed)
+    say = (lambda *a: None) if config.quiet else (lambda *a: print(*a, flush=True))
+    say(f"run folder: {run_dir}")
+
+    dataset = load_dataset(config.data, config.input_size, crack_class=config.crack_class, quiet=config.quiet)
+    if checkpoint is not None:
+        apply_split(dataset, read_split(run_dir / "split.csv"))
+        grouping = "reused split.csv"
+    else:
+        grouping = assign_groups(dataset, config.manifest, config.run_length)
+        split_groups(dataset, config.val_fraction, config.test_fraction, config.seed)
+    split_hash = write_split(dataset, run_dir / "split.csv")
+    write_problems(dataset, run_dir / "skipped.csv")
+    counts = {s: len(dataset.indices(s)) for s in ("train", "val", "test")}
+    say(
+        f"data: {len(dataset.samples)} images ({', '.join(f'{k} {v}' for k, v in counts.items())}), "
+        f"{len(dataset.problems)} skipped, {len(dataset.duplicates)} duplicates merged; groups: {grouping}"
+    )
+    if dataset.problems:
+        say(f"skipped files are listed in {run_dir / 'skipped.csv'}")
+    if counts["train"] == 0 or counts["val"] == 0:
+        from crackscan.data import DataError
+
+        raise DataError("the split left no training or validation images; add data or change the fractions")
+
+    model = build_model(dropout=config.dropout)
+    weights_source = load_pretrained_base(model, config.weights)
+    model.to(memory_format=torch.channels_last)
+    say(f"pretrained base: {weights_source}")
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    trainer = Trainer(config, run_dir, model, dataset, writer)
+    trainer.build_caches()
+    say(f"cached base activations for {counts['train']} x {trainer.train_cache.shape[0]} views in {trainer.cache_seconds:.1f}s")
+    if checkpoint is None:
+        plots.augmentation_grid(trainer.sample_views, run_dir / "augmentations.png")
+        _describe_architecture(model, config, run_dir, writer)
+        writer.add_images("augmented_samples", torch.from_numpy(trainer.sample_views).permute(0, 3, 1, 2), 0)
+
+    trainer.fit(resume=checkpoint)
+    best = load_file(str(run_dir / "best.safetensors"))
+    model.load_state_dict(best)
+    model.eval()
+
+    # Final evaluation with the whole network on full pixels: the same path predict uses.
+    meta = make_meta(
+        classes=dataset.classes,
+        crack_index=dataset.crack_index,
+        input_size=config.input_size,
+        dropout=config.dropout,
+        training=config.to_dict(),
+        pretrained=weights_source,
+        split_sha256=split_hash,
+        grouping=grouping,
+        best_epoch=trainer.best_epoch,
+    )
+    crack_model = CrackModel(module=model.to(memory_format=torch.channels_last), meta=meta)
+    val_idx, test_idx = dataset.indices("val"), dataset.indices("test")
+    if config.target_recall is not None:
+        val_prob = crack_model.crack_probability(dataset.pixels[val_idx], backend="torch")
+        y_val = (dataset.labels(val_idx) == dataset.crack_index).astype(int)
+        meta["threshold"] = threshold_for_recall(y_val, val_prob, config.target_recall)
+        meta["threshold_source"] = f"validation split, target recall {config.target_recall}"
+    metrics: dict[str, Any] = {}
+    if len(test_idx):
+        prob = crack_model.crack_probability(dataset.pixels[test_idx], backend="torch")
+        y = (dataset.labels(test_idx) == dataset.crack_index).astype(int)
+        groups = [dataset.samples[i].group for i in test_idx]
+        files = [dataset.samples[i].rel for i in test_idx]
+        metrics = compute_metrics(y, prob, meta["threshold"], groups=groups)
+        write_report(run_dir / "test", metrics, y, prob, files, dataset.pixels[test_idx], dataset.classes, dataset.crack_index)
+        plots.prediction_grid(dataset.pixels[test_idx], y, prob, meta["threshold"], files, dataset.classes, dataset.crack_index, run_dir / "predictions.png")
+        writer.add_hparams({"input_size": config.input_size}, {"hparam/test_accuracy": metrics["accuracy"]})
+    meta["metrics"] = {"test": metrics, "val_loss": trainer.best_val_loss}
+    meta["train_seconds"] = round(time.perf_counter() - started, 1)
+    model_path = save_model(run_dir / MODEL, model, meta)
+    (run_dir / "model.json").write_text(json.dumps(meta, indent=2))
+    (run_dir / "best.safetensors").unlink(missing_ok=True)
+    plots.training_curves(trainer.history, run_dir / "curves.png")
+    writer.close()
+    if metrics:
+        say(
+            f"test: accuracy {metrics['accuracy']:.4f} [{metrics['accuracy_ci'][0]:.4f}, {metrics['accuracy_ci'][1]:.4f}]"
+            f", recall {metrics['recall']:.4f}, precision {metrics['precision']:.4f} on {metrics['n']} images"
+        )
+    say(f"done in {time.perf_counter() - started:.0f}s. model: {model_path}")
+    say(f"curves: {run_dir / 'curves.png'}  |  tensorboard --logdir {run_dir / 'tensorboard'}")
+    return TrainResult(run_dir=run_dir, model_path=model_path, metrics=metrics, history=trainer.history)
+
+
+def _describe_architecture(model: nn.Module, config: TrainConfig, run_dir: Path, writer) -> None:
+    """architecture.txt (torchinfo), architecture.png (diagram) and the TensorBoard graph."""
+    from torchinfo import summary
+
+    from crackscan import plots
+
+    _set_trainable(model, config.unfreeze_from, "finetune", config.batchnorm)
+    stats = summary(
+        model,
+        input_size=(1, 3, config.input_size, config.input_size),
+        col_names=("output_size", "num_params", "trainable"),
+        depth=2,
+        verbose=0,
+        device="cpu",
+    )
+    header = (
+        f"MobileNetV2, input {config.input_size}x{config.input_size}. Phase 1 trains the classifier only; "
+        f"phase 2 also trains features[{config.unfreeze_from}:] (marked trainable below).\n\n"
+    )
+    (run_dir / "architecture.txt").write_text(header + str(stats) + "\n")
+    plots.architecture_diagram(model, config.input_size, config.unfreeze_from, run_dir / "architecture.png")
+    model.eval()
+    try:
+        writer.add_graph(model, torch.zeros(1, 3, config.input_size, config.input_size))
+    except Exception as err:  # the graph is a nicety; tracing quirks must not end a run
+        print(f"warning: TensorBoard graph not written ({type(err).__name__})")

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny generated images and models, and paths to the real data when it is present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from crackscan.model import build_model, make_meta, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MENDELEY_DEV = SHARED / "data" / "mendeley-dev"
+PHOTOS = SHARED / "data" / "photos"
+IMAGENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet1k.safetensors"
+
+TINY_SIZE = 64
+
+
+def concrete_patch(rng: np.random.Generator, size: int, crack: bool) -> Image.Image:
+    """A grey, grainy concrete-like patch; with ``crack`` a dark jagged line crosses it."""
+    base = rng.integers(150, 200)
+    pixels = np.clip(base + rng.normal(0, 12, (size, size, 1)) + rng.normal(0, 4, (size, size, 3)), 0, 255)
+    image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    if crack:
+        draw = ImageDraw.Draw(image)
+        x, y = rng.integers(0, size), 0
+        points = [(x, y)]
+        while y < size:
+            x = int(np.clip(x + rng.integers(-size // 8, size // 8 + 1), 0, size - 1))
+            y += int(rng.integers(size // 10, size // 5))
+            points.append((x, y))
+        draw.line(points, fill=(int(rng.integers(20, 60)),) * 3, width=int(rng.integers(2, 5)))
+    return image
+
+
+def make_dataset(root: Path, per_class: int = 40, size: int = 72, seed: int = 0, groups_of: int = 5) -> Path:
+    """Mendeley-style folders Positive/ and Negative/ with numbered files (runs of ``groups_of`` = one photo)."""
+    rng = np.random.default_rng(seed)
+    for label, crack in (("Positive", True), ("Negative", False)):
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            concrete_patch(rng, size, crack).save(folder / f"{i + 1:05d}.jpg", quality=92)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """80 generated patches, 40 per class, numbered like the Mendeley files."""
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    """An untrained (random) crackscan model file at input size 64: for plumbing tests, not accuracy."""
+    torch.manual_seed(0)
+    module = build_model()
+    meta = make_meta(classes=["Negative", "Positive"], crack_index=1, input_size=TINY_SIZE)
+    return save_model(tmp_path_factory.mktemp("model") / "tiny.safetensors", module.eval(), meta)
+
+
+def require(path: Path) -> Path:
+    """Skip the calling test, with the reason, when a shared resource is absent."""
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the shared data lives beside the repository only on dev/CI machines)")
+    return path
