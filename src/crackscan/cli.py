@@ -1,0 +1,355 @@
+"""The ``crackscan`` command: one verb per job. It parses arguments and calls the library, nothing more.
+
+Exit codes (every verb):
+    0  everything asked for was done
+    1  done, but some input files could not be read (each reported on its own line)
+    2  nothing done: bad arguments, or unusable data / model / weights (one-line message)
+    130 interrupted (Ctrl-C); a training run can be resumed with --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+DISCLAIMER = "crackscan is a decision aid: it does not replace a professional structural assessment."
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crackscan",
+        description="Find cracks in photos of concrete. " + DISCLAIMER,
+        epilog="Exit codes: 0 all done, 1 some input files failed, 2 error (nothing done), 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="leave glibc's allocator at its defaults (crackscan tunes it for speed otherwise)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a crack classifier on a folder of labelled images",
+                       description="Train MobileNetV2 in two phases (frozen base + head, then fine-tuning) and "
+                                   "write a run folder with the model, curves, logs and a test evaluation.")
+    t.add_argument("data", nargs="?", help="folder with one subfolder per class (e.g. Positive/, Negative/)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished epoch")
+    t.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
+    t.add_argument("--name", help="run folder name (default: train-DATE-TIME)")
+    t.add_argument("--weights", default="imagenet",
+                   help="pretrained base: 'imagenet' (torchvision download), a local .safetensors/.pth state dict, "
+                        "or 'none' to train from scratch (default: imagenet)")
+    t.add_argument("--input-size", type=_positive_int, default=128, help="network input size in pixels (default: 128)")
+    t.add_argument("--batch-size", type=_positive_int, default=64)
+    t.add_argument("--head-epochs", type=int, default=10, help="phase 1 epochs, base frozen (default: 10)")
+    t.add_argument("--finetune-epochs", type=int, default=6, help="phase 2 epochs, upper base fine-tuned (default: 6)")
+    t.add_argument("--head-lr", type=float, default=1e-3)
+    t.add_argument("--finetune-lr", type=float, default=2e-4)
+    t.add_argument("--unfreeze-from", type=int, default=14, help="first features[] block fine-tuned in phase 2")
+    t.add_argument("--batchnorm", choices=("frozen", "train"), default="frozen",
+                   help="BatchNorm statistics of fine-tuned blocks: keep ImageNet's (frozen) or update them")
+    t.add_argument("--views", type=_positive_int, default=3, help="augmented views cached per training image")
+    t.add_argument("--patience", type=_positive_int, default=3, help="early stopping patience in epochs")
+    t.add_argument("--val-fraction", type=_fraction, default=0.15)
+    t.add_argument("--test-fraction", type=_fraction, default=0.15)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--crack-class", help="name of the crack class folder (recognised automatically: Positive, crack...)")
+    t.add_argument("--groups", metavar="CSV", help="group manifest (file,group) for the split; default: blocks.csv "
+                                                   "in the data folder, else runs of numbered file names")
+    t.add_argument("--run-length", type=_positive_int, default=500,
+                   help="consecutive file numbers per group when no manifest is given (default: 500)")
+    t.add_argument("--target-recall", type=_probability,
+                   help="choose the decision threshold on validation data to reach this recall")
+    t.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    t.add_argument("--no-flips", action="store_true")
+    t.add_argument("--no-rot90", action="store_true")
+    t.add_argument("--crop-scale", type=float, default=0.7, help="smallest area kept by random crops (1 = no crop)")
+    t.add_argument("--jitter", type=float, default=0.15, help="colour/brightness jitter strength (0 = none)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+    e = sub.add_parser("evaluate", help="score a model on labelled images, with confidence intervals and plots")
+    e.add_argument("model", help="model file (.safetensors) or run folder")
+    e.add_argument("data", help="folder with one subfolder per class")
+    e.add_argument("--split", metavar="SPLIT_CSV", help="a run's split.csv: score only its test rows")
+    e.add_argument("--subset", default="test", choices=("train", "val", "test"), help="rows of --split to score")
+    e.add_argument("--target-recall", type=_probability,
+                   help="pick the threshold reaching this recall on --split's validation rows; saved in the model")
+    e.add_argument("--out", help="report folder (default: MODEL_DIR/eval-DATA)")
+    e.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
+    e.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("predict", help="classify image files, folders and globs")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="[MODEL] then images, folders or glob patterns")
+    p.add_argument("--model", help="model file or run folder (default: the shipped model)")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--output", "-o", help="write the CSV/JSON here instead of standard output")
+    p.add_argument("--threshold", type=_probability, help="override the model's decision threshold")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
+
+    s = sub.add_parser("scan", help="crack maps and overlays for whole photos")
+    s.add_argument("paths", nargs="+", metavar="PATH", help="[MODEL] then photos, folders or glob patterns")
+    s.add_argument("--model", help="model file or run folder (default: the shipped model)")
+    s.add_argument("--out", default="scans", help="output folder (default: scans)")
+    s.add_argument("--patch-size", type=_positive_int, default=227,
+                   help="side of one classified patch in photo pixels (default 227, the training scale)")
+    s.add_argument("--stride", type=_positive_int, help="map step in photo pixels (default: the network's own)")
+    s.add_argument("--threshold", type=_probability, help="override the model's decision threshold")
+    s.add_argument("--method", choices=("dense", "crops"), default="dense",
+                   help="dense: one pass of the base over the photo (fast); crops: classify crops one by one")
+    s.add_argument("--map", dest="map_kind", choices=("probability", "gradcam"), default="probability",
+                   help="what the overlay shows")
+    s.add_argument("--quiet", action="store_true")
+
+    x = sub.add_parser("explain", help="Grad-CAM heat map of what the model looked at in a patch")
+    x.add_argument("paths", nargs="+", metavar="PATH", help="[MODEL] then image files")
+    x.add_argument("--model", help="model file or run folder (default: the shipped model)")
+    x.add_argument("--out", default="explain", help="output folder (default: explain)")
+
+    xp = sub.add_parser("export", help="export a model to ONNX (optionally int8-quantized)")
+    xp.add_argument("model", nargs="?", help="model file or run folder (default: the shipped model)")
+    xp.add_argument("--format", choices=("onnx",), default="onnx")
+    xp.add_argument("--int8", action="store_true", help="static int8 quantization calibrated on --calibration images")
+    xp.add_argument("--calibration", metavar="DIR", help="folder of training images for int8 calibration")
+    xp.add_argument("--parity", metavar="DIR", help="images for the PyTorch parity check (default: generated)")
+    xp.add_argument("--output", "-o", help="ONNX file to write (default: next to the model)")
+
+    sv = sub.add_parser("serve", help="web service and page for predictions and photo scans")
+    sv.add_argument("--model", help="model file or run folder (default: the shipped model)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-upload-mb", type=float, default=30.0)
+    return parser
+
+
+def _version() -> str:
+    from crackscan import __version__
+
+    return f"crackscan {__version__}"
+
+
+def _split_model(paths: list[str], model: str | None) -> tuple[str | None, list[str]]:
+    """``[MODEL] PATH...``: a leading .safetensors file or run folder is the model."""
+    if model is None and len(paths) > 1:
+        first = Path(paths[0])
+        if first.suffix == ".safetensors" or (first.is_dir() and (first / "model.safetensors").is_file()):
+            return paths[0], paths[1:]
+    return model, paths
+
+
+def _err(message: str) -> None:
+    print(f"crackscan: error: {message}", file=sys.stderr)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from crackscan.train import TrainConfig, TrainingInterrupted, train
+    from crackscan.transforms import Augment
+
+    if args.resume is None and args.data is None:
+        _err("give a DATA folder to train on, or --resume RUN_DIR")
+        return EXIT_ERROR
+    augment = Augment.none() if args.no_augment else Augment(
+        flips=not args.no_flips, rot90=not args.no_rot90, crop_scale=args.crop_scale, jitter=args.jitter
+    )
+    config = TrainConfig(
+        data=str(args.data), out=args.out, name=args.name, weights=args.weights, input_size=args.input_size,
+        batch_size=args.batch_size, head_epochs=args.head_epochs, finetune_epochs=args.finetune_epochs,
+        head_lr=args.head_lr, finetune_lr=args.finetune_lr, unfreeze_from=args.unfreeze_from,
+        batchnorm=args.batchnorm, views=args.views, patience=args.patience, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, seed=args.seed, augment=augment, crack_class=args.crack_class,
+        manifest=args.groups, run_length=args.run_length, target_recall=args.target_recall, quiet=args.quiet,
+    )
+    try:
+        result = train(config, resume=args.resume)
+    except TrainingInterrupted as err:
+        _err(str(err))
+        return EXIT_INTERRUPTED
+    print(result.run_dir)
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from crackscan.evaluate import evaluate
+
+    model_path = Path(args.model)
+    base = model_path if model_path.is_dir() else model_path.parent
+    out = Path(args.out) if args.out else base / f"eval-{Path(args.data).name or 'data'}"
+    metrics = evaluate(args.model, args.data, out, split_csv=args.split, split=args.subset,
+                       target_recall=args.target_recall, backend=args.backend, quiet=args.quiet)
+    for name in ("accuracy", "precision", "recall"):
+        lo, hi = metrics[f"{name}_ci"]
+        print(f"{name:<10} {metrics[name]:.4f}  95% CI [{lo:.4f}, {hi:.4f}]")
+    lo, hi = metrics["f1_ci"]
+    print(f"{'f1':<10} {metrics['f1']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]")
+    lo, hi = metrics["roc_auc_ci"]
+    print(f"{'roc_auc':<10} {metrics['roc_auc']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]")
+    c = metrics["confusion"]
+    print(f"confusion  tn {c['tn']}  fp {c['fp']}  fn {c['fn']}  tp {c['tp']}  (threshold {metrics['threshold']:.4f}, n {metrics['n']})")
+    for line in metrics["skipped_files"]:
+        print(f"skipped: {line}", file=sys.stderr)
+    print(f"report: {out}")
+    return EXIT_SOME_FAILED if metrics["skipped_files"] else EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from crackscan.model import load_model
+    from crackscan.predict import expand_paths, predict_sources
+
+    model_arg, items = _split_model(args.paths, args.model)
+    model = load_model(model_arg)
+    failures = 0
+    rows = []
+    table = args.format == "table" and args.output is None
+    if table:
+        print(f"{'crack_probability':>17}  {'label':<10} file")
+    for pred in predict_sources(model, expand_paths(items), batch_size=args.batch_size, threshold=args.threshold,
+                                backend=args.backend):
+        if pred.error:
+            failures += 1
+            print(f"error: {pred.error}", file=sys.stderr)
+        if table:
+            if not pred.error:
+                print(f"{pred.probability:>17.4f}  {pred.label:<10} {pred.source}", flush=False)
+        else:
+            rows.append(pred.to_dict())
+    if not table:
+        if args.format == "json":
+            text = json.dumps(rows, indent=2) + "\n"
+        else:
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=["file", "crack_probability", "label", "error"])
+            writer.writeheader()
+            writer.writerows(rows)
+            text = buffer.getvalue()
+        if args.output:
+            Path(args.output).write_text(text, encoding="utf-8")
+        else:
+            sys.stdout.write(text)
+    if failures:
+        print(f"{failures} file(s) could not be read", file=sys.stderr)
+    return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from crackscan.model import load_model
+    from crackscan.scan import scan_paths
+
+    model_arg, items = _split_model(args.paths, args.model)
+    model = load_model(model_arg)
+    from crackscan.predict import expand_paths
+
+    summary = scan_paths(model, list(expand_paths(items)), Path(args.out), patch_size=args.patch_size,
+                         stride=args.stride, threshold=args.threshold, method=args.method,
+                         map_kind=args.map_kind, quiet=args.quiet)
+    print(f"results: {summary.out_dir}")
+    print(DISCLAIMER)
+    return EXIT_SOME_FAILED if summary.errors else EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from crackscan.explain import explain_image
+    from crackscan.images import ImageError
+    from crackscan.model import load_model
+    from crackscan.predict import expand_paths
+
+    model_arg, items = _split_model(args.paths, args.model)
+    model = load_model(model_arg)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for path in expand_paths(items):
+        try:
+            result = explain_image(model, path, out / f"{path.stem}.gradcam.png")
+        except ImageError as err:
+            failures += 1
+            print(f"error: {err}", file=sys.stderr)
+            continue
+        print(f"{result['crack_probability']:.4f}  {result['label']:<10} {path}  -> {result['overlay']}")
+    return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from crackscan.export import export_onnx
+    from crackscan.model import load_model
+    from crackscan.predict import expand_paths
+
+    model = load_model(args.model)
+    suffix = ".int8.onnx" if args.int8 else ".onnx"
+    output = Path(args.output) if args.output else Path(model.path).with_suffix(suffix)
+    if args.int8 and not args.calibration:
+        _err("--int8 needs --calibration DIR (a folder of training images)")
+        return EXIT_ERROR
+    calibration = list(expand_paths([args.calibration])) if args.calibration else None
+    parity = list(expand_paths([args.parity])) if args.parity else None
+    report = export_onnx(model, output, int8=args.int8, calibration=calibration, parity=parity)
+    print(json.dumps(report.to_dict(), indent=2))
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from crackscan.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    return EXIT_OK
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "scan": cmd_scan,
+    "explain": cmd_explain,
+    "export": cmd_export,
+    "serve": cmd_serve,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``crackscan`` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.no_malloc_tuning:
+        os.environ["CRACKSCAN_NO_MALLOC_TUNING"] = "1"
+    from crackscan.data import DataError
+    from crackscan.images import ImageError
+    from crackscan.model import ModelError
+    from crackscan.runtime import tune_allocator
+
+    tune_allocator()
+    try:
+        return COMMANDS[args.command](args)
+    except (DataError, ModelError, ImageError, FileNotFoundError, ValueError) as err:
+        _err(str(err))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
