@@ -1,0 +1,55 @@
+"""`crackscan predict` and the Python API on files, folders and globs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+
+import crackscan
+from crackscan.cli import main
+
+
+@pytest.fixture()
+def images(tmp_path, tiny_dataset):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in sorted((tiny_dataset / "Positive").glob("*.jpg"))[:3] + sorted((tiny_dataset / "Negative").glob("*.jpg"))[:3]:
+        (folder / f"{p.parent.name}-{p.name}").write_bytes(p.read_bytes())
+    return folder
+
+
+def test_python_api_predicts(tiny_model_path, images):
+    model = crackscan.load_model(tiny_model_path)
+    files = sorted(images.glob("*.jpg"))
+    preds = model.predict(files, backend="torch")
+    assert [p.source for p in preds] == [str(f) for f in files]
+    assert all(0 <= p.probability <= 1 and p.label in model.classes for p in preds)
+    # Same result whatever the batch size: batching must not mix images up.
+    again = model.predict(files, batch_size=2, backend="torch")
+    assert np.allclose([p.probability for p in preds], [p.probability for p in again], atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_cli_formats_and_bad_file_exit_code(tiny_model_path, images, capsys, fmt):
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    code = main(["predict", str(tiny_model_path), str(images), "--format", fmt, "--backend", "torch"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "broken.jpg" in err and "Traceback" not in err
+    rows = json.loads(out) if fmt == "json" else list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 7
+    good = [r for r in rows if not r["error"]]
+    assert len(good) == 6 and all(0 <= float(r["crack_probability"]) <= 1 for r in good)
+
+
+def test_cli_table_glob_and_threshold(tiny_model_path, images, capsys):
+    code = main(["predict", "--model", str(tiny_model_path), str(images / "Positive-*.jpg"), "--threshold", "0",
+                 "--backend", "torch"])
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = [line for line in out.splitlines()[1:] if line.strip()]
+    assert len(lines) == 3 and all("Positive" in line.split()[1] for line in lines)  # threshold 0: all crack

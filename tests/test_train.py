@@ -1,0 +1,108 @@
+"""A real training run through the CLI on tiny generated images, and what it leaves behind."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import IMAGENET_WEIGHTS
+from crackscan.cli import main
+from crackscan.model import load_model, read_meta
+
+
+def weights_arg() -> str:
+    # The ImageNet base makes the tiny run learn; without the shared file the run still must work.
+    return str(IMAGENET_WEIGHTS) if IMAGENET_WEIGHTS.exists() else "none"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_dataset) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    code = main([
+        "train", str(tiny_dataset), "--out", str(out), "--name", "tiny", "--weights", weights_arg(),
+        "--input-size", "64", "--head-epochs", "2", "--finetune-epochs", "1", "--views", "2",
+        "--run-length", "5", "--quiet",
+    ])
+    assert code == 0
+    return out / "tiny"
+
+
+def test_run_folder_has_every_output(trained_run):
+    for name in ("model.safetensors", "model.json", "checkpoint.safetensors", "history.csv", "curves.png",
+                 "architecture.txt", "architecture.png", "augmentations.png", "predictions.png", "split.csv",
+                 "skipped.csv", "config.json", "test/metrics.json", "test/confusion.png", "test/roc.png",
+                 "test/pr.png", "test/misclassified.png", "test/predictions.csv"):
+        assert (trained_run / name).is_file(), name
+    events = list((trained_run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    for png in ("curves.png", "predictions.png", "architecture.png", "augmentations.png"):
+        with Image.open(trained_run / png) as im:
+            assert im.size[0] > 200 and im.size[1] > 100
+
+
+def test_history_shows_both_phases(trained_run):
+    with open(trained_run / "history.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["phase"] for r in rows] == ["head", "head", "finetune"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert 0 <= float(r["val_acc"]) <= 1 and float(r["train_loss"]) > 0 and float(r["lr"]) > 0
+    summary = (trained_run / "architecture.txt").read_text()
+    assert "Trainable" in summary and "features[14:]" in summary
+
+
+def test_checkpoint_round_trip_and_metadata(trained_run, tiny_dataset):
+    model = load_model(trained_run / "model.safetensors")
+    meta = read_meta(trained_run / "model.safetensors")
+    assert meta["classes"] == ["Negative", "Positive"] and meta["crack_class"] == "Positive"
+    assert meta["input_size"] == 64 and len(meta["mean"]) == 3 and 0 <= meta["threshold"] <= 1
+    assert meta["training"]["head_epochs"] == 2 and len(meta["split_sha256"]) == 64
+    assert "torch" in meta["versions"] and "test" in meta["metrics"]
+    # The same folder loads too, and a saved copy predicts identically.
+    again = load_model(trained_run)
+    files = sorted((tiny_dataset / "Positive").glob("*.jpg"))[:4]
+    a = [p.probability for p in model.predict(files, backend="torch")]
+    b = [p.probability for p in again.predict(files, backend="torch")]
+    assert np.allclose(a, b)
+    metrics = json.loads((trained_run / "test" / "metrics.json").read_text())
+    assert metrics["n"] > 0 and len(metrics["accuracy_ci"]) == 2
+
+
+def test_evaluate_reuses_the_split(trained_run, tiny_dataset, tmp_path, capsys):
+    code = main(["evaluate", str(trained_run / "model.safetensors"), str(tiny_dataset),
+                 "--split", str(trained_run / "split.csv"), "--out", str(tmp_path / "ev"), "--quiet"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    with open(trained_run / "split.csv") as handle:
+        n_test = sum(1 for r in csv.DictReader(handle) if r["split"] == "test")
+    assert metrics["n"] == n_test
+    assert "accuracy" in capsys.readouterr().out
+    for name in ("confusion.png", "roc.png", "pr.png", "misclassified.png"):
+        assert (tmp_path / "ev" / name).is_file()
+
+
+def test_target_recall_is_stored_and_used(trained_run, tiny_dataset, tmp_path):
+    model_file = tmp_path / "m.safetensors"
+    model_file.write_bytes((trained_run / "model.safetensors").read_bytes())
+    code = main(["evaluate", str(model_file), str(tiny_dataset), "--split", str(trained_run / "split.csv"),
+                 "--target-recall", "1.0", "--out", str(tmp_path / "ev"), "--quiet"])
+    assert code == 0
+    meta = read_meta(model_file)
+    assert "target recall 1.0" in meta["threshold_source"]
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["threshold"] == pytest.approx(meta["threshold"])
+
+
+def test_offline_without_weights_file_is_a_clear_error(tiny_dataset, tmp_path, capsys, monkeypatch):
+    # Point torch's cache at an empty folder: the real download path runs and fails on this offline machine.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # also fails fast where a network exists
+    code = main(["train", str(tiny_dataset), "--out", str(tmp_path), "--quiet", "--input-size", "64"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--weights FILE" in err and "Traceback" not in err
