@@ -6,12 +6,13 @@ normalised float tensors only in whole batches, in :func:`normalize_batch`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
-from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from crackscan.images import ImageSource, load_patch
 
@@ -59,34 +60,41 @@ class Augment:
 
 
 class TrainPreset:
-    """Random view of an HxWx3 uint8 patch, at the same size, as the model sees it in training.
+    """Random view of a 3xHxW uint8 patch, at the same size, as the model sees it in training.
 
     Crack patches have no "up": flips and quarter turns are label-preserving and free. The crop keeps
-    most of the patch so a thin crack near the border is rarely cut out of a positive.
+    most of the patch so a thin crack near the border is rarely cut out of a positive. Parameters are
+    drawn from the caller's generator, so every view is reproducible (a resumed run sees the same data).
     """
 
     def __init__(self, size: int, augment: Augment):
         self.size = size
         self.augment = augment
-        steps: list = []
-        if augment.crop_scale < 1.0:
-            steps.append(v2.RandomResizedCrop(size, scale=(augment.crop_scale, 1.0), ratio=(0.8, 1.25), antialias=True))
-        if augment.flips:
-            steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
-        if augment.jitter > 0:
-            j = augment.jitter
-            steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
-        self._pipeline = v2.Compose(steps) if steps else None
 
     def __call__(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """3xHxW uint8 tensor -> augmented 3xHxW uint8 tensor; randomness drawn from ``generator``."""
+        """3xHxW uint8 tensor -> augmented 3xSxS uint8 tensor."""
+        a = self.augment
+        u = torch.rand(8, generator=generator).tolist()
         out = pixels
-        if self._pipeline is not None:
-            # torchvision draws from the global RNG; seed it from our generator so a view is reproducible.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-                out = self._pipeline(out)
-        if self.augment.rot90:
-            k = int(torch.randint(0, 4, (1,), generator=generator))
-            out = torch.rot90(out, k, dims=(1, 2))
+        _, h, w = out.shape
+        if a.crop_scale < 1.0:
+            area = h * w * (a.crop_scale + (1.0 - a.crop_scale) * u[0])
+            ratio = math.exp(math.log(0.8) + (math.log(1.25) - math.log(0.8)) * u[1])
+            ch = min(h, max(1, round(math.sqrt(area / ratio))))
+            cw = min(w, max(1, round(math.sqrt(area * ratio))))
+            top, left = int(u[2] * (h - ch + 1)), int(u[3] * (w - cw + 1))
+            out = F.resized_crop(out, top, left, ch, cw, [self.size, self.size], antialias=True)
+        elif (h, w) != (self.size, self.size):
+            out = F.resize(out, [self.size, self.size], antialias=True)
+        if a.flips and u[4] < 0.5:
+            out = F.horizontal_flip(out)
+        if a.rot90:
+            out = torch.rot90(out, int(u[5] * 4) % 4, dims=(1, 2))
+        if a.jitter > 0:
+            # One random direction per view: brightness, contrast and saturation each in [1-j, 1+j].
+            j = a.jitter
+            factors = (1 - j + 2 * j * torch.rand(3, generator=generator)).tolist()
+            out = F.adjust_brightness(out, factors[0])
+            out = F.adjust_contrast(out, factors[1])
+            out = F.adjust_saturation(out, factors[2])
         return out
