@@ -1,0 +1,377 @@
+"""Every command over the hostile corpus (tests/corpus.py): odd files are used, broken ones reported.
+
+The CLI runs as a real process (``python -m crackscan.cli``) so that exit codes, stderr lines and the
+absence of tracebacks are what a user sees. As root, the process runs without the capabilities that
+let root read mode-000 files, so the unreadable file really is unreadable.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import IMAGENET_WEIGHTS, make_dataset
+from corpus import (
+    EXIF_STORED_SIZE,
+    Entry,
+    build_corpus,
+    corpus_entries,
+    drop_privileges_prefix,
+    good_files,
+    permission_is_enforced,
+)
+from crackscan.cli import main
+from crackscan.images import ImageError, load_image, load_patch
+
+ENTRIES = corpus_entries()
+GOOD = [e for e in ENTRIES if e.ok]
+BAD = [e for e in ENTRIES if not e.ok]
+
+
+def ids(entries: list[Entry]) -> list[str]:
+    return [e.name for e in entries]
+
+
+@pytest.fixture(scope="module")
+def prefix() -> list[str]:
+    return drop_privileges_prefix()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return _corpus_at(tmp_path_factory.mktemp("hostile") / "corpus")
+
+
+def _corpus_at(folder: Path) -> Path:
+    build_corpus(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def enforced(corpus, prefix) -> bool:
+    return permission_is_enforced(corpus / "unreadable.jpg", prefix)
+
+
+def skip_if_readable(entry: Entry, enforced: bool) -> None:
+    if entry.name == "unreadable.jpg" and not enforced:
+        pytest.skip("mode 000 does not stop this process from reading (root without setpriv): nothing to test")
+
+
+def expected_bad(enforced: bool, entries: list[Entry] = BAD) -> list[Entry]:
+    return [e for e in entries if enforced or e.name != "unreadable.jpg"]
+
+
+def cli(prefix: list[str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run the real ``crackscan`` command in a fresh process."""
+    command = [*prefix, sys.executable, "-m", "crackscan.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout)
+
+
+def lines_naming(text: str, path: str) -> list[str]:
+    return [line for line in text.splitlines() if path in line]
+
+
+def assert_no_traceback(done: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
+
+
+def weights_arg() -> str:
+    return str(IMAGENET_WEIGHTS) if IMAGENET_WEIGHTS.exists() else "none"
+
+
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The decode path itself: what the oddities decode to
+
+
+def test_16_bit_png_is_scaled_not_clipped(corpus):
+    for name in ("gray16.png", "rgb16.png"):
+        pixels = np.asarray(load_image(corpus / name))
+        assert pixels.dtype == np.uint8 and pixels.shape[2] == 3
+        # 0x8080 of 65535 is mid grey: 128 when scaled; clipping the raw value would give 255.
+        assert np.abs(pixels.astype(int) - 128).max() <= 1, (name, pixels.min(), pixels.max())
+
+
+def test_exif_orientation_is_applied(corpus):
+    for reduce_to in (None, (64, 64)):
+        image = load_image(corpus / "exif-rotated.jpg", reduce_to=reduce_to)
+        assert image.size == EXIF_STORED_SIZE[::-1]
+        pixels = np.asarray(image).astype(int)
+        # Orientation 6 turns the stored dark left edge into the top edge.
+        assert pixels[:6].mean() < 40 < pixels[-6:].mean()
+
+
+def test_cmyk_and_alpha_decode_to_sensible_rgb(corpus):
+    original = np.asarray(Image.open(corpus / "plain.jpg").convert("RGB")).astype(int)
+    cmyk = np.asarray(load_image(corpus / "cmyk.jpg")).astype(int)
+    # An inverted (Adobe) CMYK JPEG read naively comes out as a negative: far from the source.
+    assert np.abs(cmyk.mean(axis=(0, 1)) - original.mean(axis=(0, 1))).max() < 15
+    alpha = np.asarray(load_image(corpus / "alpha.png"))
+    assert alpha.shape == (48, 48, 3) and alpha[0, 0].min() > 240  # transparent corner composited on white
+
+
+@pytest.mark.parametrize("entry", GOOD, ids=ids(GOOD))
+def test_every_oddity_decodes_to_a_patch(corpus, entry):
+    patch = load_patch(corpus / entry.name, 64)
+    assert patch.shape == (64, 64, 3) and patch.dtype == np.uint8
+
+
+@pytest.mark.parametrize("entry", BAD, ids=ids(BAD))
+def test_every_broken_file_raises_image_error(corpus, entry, enforced):
+    if entry.name == "unreadable.jpg" and os.access(corpus / entry.name, os.R_OK):
+        pytest.skip("this test process can read mode-000 files (root); the CLI tests cover it without the capability")
+    with pytest.raises(ImageError) as caught:
+        load_image(corpus / entry.name, reduce_to=(64, 64))
+    message = str(caught.value)
+    assert "\n" not in message and str(corpus / entry.name) in message and entry.reason in message.lower()
+
+
+def test_bombs_are_refused_from_a_tiny_file(corpus):
+    for name in ("bomb.png", "bomb.jpg"):
+        assert (corpus / name).stat().st_size < 2000
+    # The headers claim 60000x60000 (read from the bytes: PIL itself refuses to open such a file).
+    png = (corpus / "bomb.png").read_bytes()
+    assert int.from_bytes(png[16:20], "big") == int.from_bytes(png[20:24], "big") == 60000
+    jpeg = (corpus / "bomb.jpg").read_bytes()
+    sof = jpeg.find(b"\xff\xc0")
+    assert int.from_bytes(jpeg[sof + 5 : sof + 7], "big") == int.from_bytes(jpeg[sof + 7 : sof + 9], "big") == 60000
+
+
+# ----------------------------------------------------------------------------------------------------
+# predict
+
+
+@pytest.fixture(scope="module")
+def predict_run(corpus, prefix, tiny_model_path):
+    # The folder as a user passes it, plus the folder named x.jpg by name (a folder walk enters it).
+    return cli(prefix, "predict", str(tiny_model_path), str(corpus), str(corpus / "x.jpg"), "--format", "json",
+               "--backend", "torch")
+
+
+def test_predict_exit_code_and_no_traceback(predict_run, enforced):
+    assert_no_traceback(predict_run)
+    assert predict_run.returncode == 1, predict_run.stderr
+    errors = [line for line in predict_run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == len(expected_bad(enforced)), predict_run.stderr
+    rows = json.loads(predict_run.stdout)
+    assert len(rows) == len(ENTRIES)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=ids(ENTRIES))
+def test_predict_each_corpus_file(predict_run, corpus, entry, enforced):
+    skip_if_readable(entry, enforced)
+    path = str(corpus / entry.name)
+    rows = [r for r in json.loads(predict_run.stdout) if r["file"] == path]
+    assert len(rows) == 1, f"{path} appears {len(rows)} times in the output"
+    row = rows[0]
+    said = lines_naming(predict_run.stderr, path)
+    if entry.ok:
+        assert row["error"] is None and 0.0 <= row["crack_probability"] <= 1.0, row
+        assert row["label"] in ("Negative", "Positive")
+        assert not said, said
+    else:
+        assert row["crack_probability"] is None and entry.reason in row["error"].lower(), row
+        assert len(said) == 1 and entry.reason in said[0].lower(), said
+
+
+def test_predict_all_good_exits_zero(corpus, prefix, tiny_model_path):
+    files = [str(corpus / e.name) for e in GOOD]
+    done = cli(prefix, "predict", str(tiny_model_path), *files, "--backend", "torch")
+    assert_no_traceback(done)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == ""
+    table = done.stdout.splitlines()[1:]
+    assert len(table) == len(GOOD)
+    for line, path in zip(table, files):
+        probability, label, name = line.split(None, 2)
+        assert name == path and 0 <= float(probability) <= 1 and label in ("Negative", "Positive")
+
+
+def test_predict_missing_model_is_one_line_exit_2(corpus, prefix, tmp_path):
+    done = cli(prefix, "predict", "--model", str(tmp_path / "nope.safetensors"), str(corpus / "plain.jpg"))
+    assert_no_traceback(done)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# train and evaluate: the corpus mixed into a labelled dataset
+
+
+@pytest.fixture(scope="module")
+def hostile_dataset(tmp_path_factory) -> Path:
+    root = make_dataset(tmp_path_factory.mktemp("hostile-data"), per_class=20, size=64)
+    build_corpus(root / "Positive")  # the oddities become crack images, the broken files must be skipped
+    return root
+
+
+@pytest.fixture(scope="module")
+def train_run(hostile_dataset, prefix, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hostile-runs")
+    done = cli(prefix, "train", str(hostile_dataset), "--out", str(out), "--name", "h", "--weights", weights_arg(),
+               "--input-size", "64", "--head-epochs", "1", "--finetune-epochs", "1", "--views", "1",
+               "--run-length", "5", "--quiet")
+    return done, out / "h"
+
+
+def test_train_completes_over_the_corpus(train_run):
+    done, run_dir = train_run
+    assert_no_traceback(done)
+    assert done.returncode in (0, 1), done.stderr
+    assert (run_dir / "model.safetensors").is_file()
+    with open(run_dir / "history.csv", newline="") as handle:
+        assert [r["phase"] for r in csv.DictReader(handle)] == ["head", "finetune"]
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=ids(ENTRIES))
+def test_train_skips_exactly_the_broken_files(train_run, entry, enforced):
+    skip_if_readable(entry, enforced)
+    _, run_dir = train_run
+    rel = f"Positive/{entry.name}"
+    with open(run_dir / "skipped.csv", newline="", encoding="utf-8") as handle:
+        skipped = {r["file"]: r["reason"] for r in csv.DictReader(handle)}
+    with open(run_dir / "split.csv", newline="", encoding="utf-8") as handle:
+        used = {r["file"] for r in csv.DictReader(handle)}
+    if entry.ok:
+        assert rel in used and rel not in skipped
+    else:
+        assert rel not in used
+        assert rel in skipped and entry.reason in skipped[rel].lower(), skipped.get(rel)
+        assert "\n" not in skipped[rel]
+
+
+@pytest.fixture(scope="module")
+def evaluate_run(hostile_dataset, prefix, tiny_model_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hostile-eval")
+    done = cli(prefix, "evaluate", str(tiny_model_path), str(hostile_dataset), "--out", str(out), "--quiet",
+               "--backend", "torch")
+    return done, out
+
+
+def test_evaluate_reports_and_scores_the_rest(evaluate_run, enforced):
+    done, out = evaluate_run
+    assert_no_traceback(done)
+    assert done.returncode == 1, done.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 40 + len(GOOD) + (0 if enforced else 1)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=ids(ENTRIES))
+def test_evaluate_each_corpus_file(evaluate_run, entry, enforced):
+    skip_if_readable(entry, enforced)
+    done, _ = evaluate_run
+    said = lines_naming(done.stderr, f"Positive/{entry.name}:")
+    if entry.ok:
+        assert not said
+    else:
+        assert len(said) == 1 and entry.reason in said[0].lower(), done.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# scan and explain
+
+
+@pytest.fixture(scope="module")
+def scan_run(corpus, prefix, tiny_model_path, tmp_path_factory):
+    if not has_module("crackscan.scan"):
+        pytest.skip("crackscan.scan is not written yet")
+    out = tmp_path_factory.mktemp("hostile-scan")
+    files = [str(corpus / e.name) for e in ENTRIES]
+    done = cli(prefix, "scan", str(tiny_model_path), *files, "--out", str(out), "--quiet")
+    return done, out
+
+
+def test_scan_exit_code_and_no_traceback(scan_run):
+    done, _ = scan_run
+    assert_no_traceback(done)
+    assert done.returncode == 1, done.stderr
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=ids(ENTRIES))
+def test_scan_each_corpus_file(scan_run, corpus, entry, enforced):
+    skip_if_readable(entry, enforced)
+    done, out = scan_run
+    said = [line for line in lines_naming(done.stderr, str(corpus / entry.name))]
+    if entry.ok:
+        assert not said, said
+        stem = Path(entry.name).stem
+        assert any(stem in p.name for p in out.rglob("*") if p.is_file()), f"no scan output for {entry.name}"
+    else:
+        assert len(said) == 1 and entry.reason in said[0].lower(), done.stderr
+
+
+@pytest.fixture(scope="module")
+def explain_run(corpus, prefix, tiny_model_path, tmp_path_factory):
+    if not has_module("crackscan.explain"):
+        pytest.skip("crackscan.explain is not written yet")
+    out = tmp_path_factory.mktemp("hostile-explain")
+    files = [str(corpus / e.name) for e in ENTRIES]
+    done = cli(prefix, "explain", str(tiny_model_path), *files, "--out", str(out))
+    return done, out
+
+
+def test_explain_exit_code_and_no_traceback(explain_run):
+    done, _ = explain_run
+    assert_no_traceback(done)
+    assert done.returncode == 1, done.stderr
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=ids(ENTRIES))
+def test_explain_each_corpus_file(explain_run, corpus, entry, enforced):
+    skip_if_readable(entry, enforced)
+    done, out = explain_run
+    path = str(corpus / entry.name)
+    said = lines_naming(done.stderr, path)
+    if entry.ok:
+        assert not said, said
+        lines = [line for line in lines_naming(done.stdout, path) if "->" in line]
+        assert len(lines) == 1, done.stdout
+        overlay = Path(lines[0].rsplit("->", 1)[1].strip())
+        with Image.open(overlay) as image:
+            assert image.size[0] > 0
+    else:
+        assert len(said) == 1 and entry.reason in said[0].lower(), done.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# The web service: every upload answered, never a 500
+
+
+@pytest.fixture(scope="module")
+def client(tiny_model_path):
+    if not has_module("crackscan.serve"):
+        pytest.skip("crackscan.serve is not written yet")
+    from fastapi.testclient import TestClient
+
+    from crackscan.serve import create_app
+
+    with TestClient(create_app(str(tiny_model_path)), raise_server_exceptions=False) as c:
+        yield c
+
+
+UPLOADS = [e for e in ENTRIES if e.has_bytes]
+
+
+@pytest.mark.parametrize("entry", UPLOADS, ids=ids(UPLOADS))
+def test_service_answers_every_upload(client, corpus, entry):
+    data = (corpus / entry.name).read_bytes()
+    response = client.post("/predict", files={"file": (entry.name, data, "application/octet-stream")})
+    if entry.ok:
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert 0.0 <= body["crack_probability"] <= 1.0
+    else:
+        assert 400 <= response.status_code < 500, (response.status_code, response.text)
+        text = response.text.lower()
+        assert entry.reason in text or "image" in text, response.text
