@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
+from crackscan.demo import concrete_patch, concrete_photo  # noqa: F401  (re-exported for tests)
 from crackscan.model import build_model, make_meta, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,23 +18,6 @@ PHOTOS = SHARED / "data" / "photos"
 IMAGENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet1k.safetensors"
 
 TINY_SIZE = 64
-
-
-def concrete_patch(rng: np.random.Generator, size: int, crack: bool) -> Image.Image:
-    """A grey, grainy concrete-like patch; with ``crack`` a dark jagged line crosses it."""
-    base = rng.integers(150, 200)
-    pixels = np.clip(base + rng.normal(0, 12, (size, size, 1)) + rng.normal(0, 4, (size, size, 3)), 0, 255)
-    image = Image.fromarray(pixels.astype(np.uint8), "RGB")
-    if crack:
-        draw = ImageDraw.Draw(image)
-        x, y = rng.integers(0, size), 0
-        points = [(x, y)]
-        while y < size:
-            x = int(np.clip(x + rng.integers(-size // 8, size // 8 + 1), 0, size - 1))
-            y += int(rng.integers(size // 10, size // 5))
-            points.append((x, y))
-        draw.line(points, fill=(int(rng.integers(20, 60)),) * 3, width=int(rng.integers(2, 5)))
-    return image
 
 
 def make_dataset(root: Path, per_class: int = 40, size: int = 72, seed: int = 0, groups_of: int = 5) -> Path:
