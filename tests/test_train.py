@@ -106,3 +106,16 @@ def test_offline_without_weights_file_is_a_clear_error(tiny_dataset, tmp_path, c
     assert code == 2
     err = capsys.readouterr().err
     assert "--weights FILE" in err and "Traceback" not in err
+
+
+def test_cli_defaults_match_the_library_defaults():
+    from crackscan.cli import build_parser
+    from crackscan.train import TrainConfig
+
+    args = build_parser().parse_args(["train", "DATA"])
+    lib = TrainConfig(data="DATA")
+    for name in ("input_size", "batch_size", "head_epochs", "finetune_epochs", "head_lr", "finetune_lr",
+                 "unfreeze_from", "batchnorm", "views", "patience", "val_fraction", "test_fraction", "seed",
+                 "run_length", "weights"):
+        assert getattr(args, name) == getattr(lib, name), name
+    assert (args.crop_scale, args.jitter) == (lib.augment.crop_scale, lib.augment.jitter)

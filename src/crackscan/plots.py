@@ -84,7 +84,9 @@ def prediction_grid(
         return
     # Show errors first, then a spread of the rest, so a grid of 32 says something about 3,000.
     pred = (np.asarray(prob) >= threshold).astype(int)
-    order = np.concatenate([np.flatnonzero(pred != y), np.flatnonzero(pred == y)])[:n]
+    right = [np.flatnonzero((pred == y) & (y == c)) for c in (1, 0)]
+    mixed = [i for pair in zip(*right) for i in pair] + [i for r in right for i in r[min(map(len, right)):]]
+    order = np.concatenate([np.flatnonzero(pred != y), np.array(mixed, dtype=int)])[:n]
     rows, cols = _tile_grid(n)
     fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.3 * rows), squeeze=False)
     for ax in axes.flat:

@@ -72,15 +72,15 @@ class TrainConfig:
     input_size: int = 128
     batch_size: int = 64
     head_epochs: int = 10
-    finetune_epochs: int = 6
+    finetune_epochs: int = 4
     head_lr: float = 1e-3
     finetune_lr: float = 2e-4
     weight_decay: float = 1e-4
     dropout: float = 0.2
     unfreeze_from: int = DEFAULT_UNFREEZE_FROM
     batchnorm: str = "frozen"  # "frozen": fine-tuned blocks keep ImageNet BN statistics; "train": update them
-    views: int = 3  # augmented views cached per training image
-    patience: int = 3  # epochs without a better validation loss before a phase stops early
+    views: int = 2  # augmented views cached per training image
+    patience: int = 2  # epochs without a better validation loss before a phase stops early
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
@@ -117,10 +117,14 @@ class TrainingInterrupted(Exception):
     """Ctrl-C during training; the last finished epoch is saved and the run can be resumed."""
 
     def __init__(self, run_dir: Path, epoch: int):
-        super().__init__(
-            f"interrupted during epoch {epoch + 1}; epochs 1-{epoch} are saved in {run_dir}. "
-            f"Continue with: crackscan train --resume {run_dir}"
-        )
+        if epoch == 0:
+            message = f"interrupted during epoch 1, before any epoch was saved in {run_dir}; start the run again"
+        else:
+            message = (
+                f"interrupted during epoch {epoch + 1}; epochs 1-{epoch} are saved in {run_dir}. "
+                f"Continue with: crackscan train --resume {run_dir}"
+            )
+        super().__init__(message)
         self.run_dir = run_dir
 
 
@@ -258,6 +262,7 @@ class Trainer:
         self.lower, self.upper = split_base(model, config.unfreeze_from)
         self.history: list[dict[str, Any]] = []
         self.elapsed_offset = 0.0
+        self.saved_epochs = 0  # epochs held by the checkpoint on disk
         self.best_val_loss = math.inf
         self.best_epoch = 0
         self.loss_fn = nn.CrossEntropyLoss()
@@ -340,6 +345,7 @@ class Trainer:
             self.best_val_loss, self.best_epoch = doc["best_val_loss"], doc["best_epoch"]
             start_phase, start_epoch = PHASES.index(doc["phase"]), doc["epoch"]
             phase_epoch0 = doc["phase_epoch"]
+            self.saved_epochs = doc["epoch"]
             if doc["phase_done"]:
                 start_phase, phase_epoch0 = start_phase + 1, 0
         epoch = start_epoch
@@ -403,6 +409,7 @@ class Trainer:
                 }
                 # The checkpoint is the record; history.csv is rewritten from it and can never disagree.
                 save_checkpoint(self.run_dir / CHECKPOINT, self.model, opt, sched, progress)
+                self.saved_epochs = epoch
                 write_history(self.run_dir / "history.csv", self.history)
                 self._log(row, improved)
                 if done:
@@ -516,7 +523,11 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         _describe_architecture(model, config, run_dir, writer)
         writer.add_images("augmented_samples", torch.from_numpy(trainer.sample_views).permute(0, 3, 1, 2), 0)
 
-    trainer.fit(resume=checkpoint)
+    try:
+        trainer.fit(resume=checkpoint)
+    except KeyboardInterrupt:
+        # Ctrl-C outside an epoch's batches (validation, checkpoint writing): the last checkpoint stands.
+        raise TrainingInterrupted(run_dir, trainer.saved_epochs) from None
     best = load_file(str(run_dir / "best.safetensors"))
     model.load_state_dict(best)
     model.eval()
