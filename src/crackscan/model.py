@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import platform
 import tempfile
 from dataclasses import dataclass, field
@@ -61,6 +62,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # weights_only=True refuses any pickled object but tensors and plain containers: no code runs.
+        raise ModelError(
+            f"{path}: refused: not a plain state dict (it pickles other Python objects, or is not a .pth file); "
+            "crackscan reads .pth files with weights_only=True"
+        ) from None
     except (SafetensorError, RuntimeError, OSError, ValueError, EOFError) as err:
         raise ModelError(f"{path}: cannot read weights ({str(err).splitlines()[0]})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -310,6 +317,10 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        # mkstemp makes the file private (0600) and the rename keeps that; give it the mode any new file gets.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -337,6 +348,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(header[META_KEY])
     except json.JSONDecodeError as err:
         raise ModelError(f"{path}: crackscan metadata is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{path}: crackscan metadata is a JSON {type(meta).__name__}, not an object")
     return meta
 
 
@@ -345,19 +358,29 @@ def _check_meta(path: str, meta: dict[str, Any]) -> None:
     missing = [k for k in required if k not in meta]
     if missing:
         raise ModelError(f"{path}: metadata lacks {', '.join(missing)}")
-    if meta.get("format_version", 1) > FORMAT_VERSION:
+    try:
+        version, crack_index, size = int(meta.get("format_version", 1)), int(meta["crack_index"]), int(meta["input_size"])
+        threshold = float(meta.get("threshold", 0.5))
+        mean, std = [float(v) for v in meta["mean"]], [float(v) for v in meta["std"]]
+    except (TypeError, ValueError):
+        raise ModelError(
+            f"{path}: malformed metadata: format_version, crack_index and input_size must be integers, "
+            "threshold a number, mean and std lists of numbers"
+        ) from None
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ModelError(f"{path}: mean and std must hold 3 numbers each, std above 0")
+    if version > FORMAT_VERSION:
         raise ModelError(f"{path}: written by a newer crackscan (format {meta['format_version']}); upgrade")
     if meta["architecture"] != ARCHITECTURE:
         raise ModelError(f"{path}: architecture {meta['architecture']!r} is not {ARCHITECTURE!r}")
     classes = meta["classes"]
     if not isinstance(classes, list) or len(classes) < 2:
         raise ModelError(f"{path}: metadata must name at least two classes")
-    if not 0 <= int(meta["crack_index"]) < len(classes):
+    if not 0 <= crack_index < len(classes):
         raise ModelError(f"{path}: crack_index {meta['crack_index']} is outside the {len(classes)} classes")
-    size = int(meta["input_size"])
     if not 32 <= size <= 1024:
         raise ModelError(f"{path}: input_size {size} is outside 32..1024")
-    if not 0.0 <= float(meta.get("threshold", 0.5)) <= 1.0:
+    if not 0.0 <= threshold <= 1.0:
         raise ModelError(f"{path}: threshold must lie in [0, 1]")
 
 
