@@ -15,6 +15,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -333,6 +334,9 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``crackscan`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
+    # Pillow warns (two lines, no file name) about damaged metadata in files it still decodes, and about
+    # large images; crackscan enforces its own size limit and reports each unusable file in one line.
+    warnings.filterwarnings("ignore", module=r"PIL\.")
     if args.no_malloc_tuning:
         os.environ["CRACKSCAN_NO_MALLOC_TUNING"] = "1"
     from crackscan.data import DataError
