@@ -1,0 +1,799 @@
+"""Scan whole photos: a crack-probability map, the flagged regions, an overlay and a verdict.
+
+Scale. The training patches are 227-px crops of 4032x3024 photos, shown to the network at
+``model.input_size`` pixels. A scan keeps that scale: one patch of ``patch_size`` photo pixels becomes
+``input_size`` network pixels, so the whole photo is decoded (JPEG DCT draft when it shrinks enough) and
+resized by ``scale = input_size / patch_size`` before anything else.
+
+Two methods give the same map:
+
+* ``"dense"`` runs the convolutional base once over the scaled photo. MobileNetV2's base has an output
+  stride of 32, and the classifier is global average pooling followed by one linear layer. Both are linear,
+  so they commute: the linear layer is applied to every feature cell first (1280 -> a few logits), and
+  a ``k x k`` average of those cell logits, ``k = input_size / 32``, is exactly what the head computes for
+  the patch covering those cells. The only difference from classifying the crop is context: near a
+  patch's border the base sees real neighbouring pixels instead of zero padding.
+* ``"crops"`` cuts every patch out of the same scaled photo and classifies it on its own: the reference.
+
+Geometry. Map cell ``(i, j)`` is the patch whose top-left corner lies at
+``map_origin + (j * stride, i * stride)`` photo pixels and whose side is ``patch_size``. The stride is a
+whole number of network cells (32 network pixels, e.g. 56.75 photo pixels for a 128-px model at patch 227),
+so a requested ``stride`` is rounded to the nearest such step. For drawing and for areas, each cell owns
+the square around its patch's centre, and the outer cells reach to the photo's edges
+(:meth:`ScanResult.cell_edges`), so the cells tile the photo exactly.
+
+Memory. The base runs in three stages, each over overlapping tiles of its input. A tile is read with a
+margin as wide as the stage's receptive-field radius and the margin's output is thrown away, so the
+tiled result equals one pass over the whole photo (to float rounding; ``tests/test_scan.py`` checks it)
+while the largest activation stays under :data:`TILE_VALUES`. Only the small maps between stages are
+kept whole. ``benchmarks/scan.py`` measures the peak memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+import warnings
+import weakref
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+from crackscan.images import MAX_PIXELS, ImageError, ImageSource, describe, load_image, read_bytes
+from crackscan.model import CrackModel
+
+#: Output stride of MobileNetV2's convolutional base, in network pixels.
+NETWORK_STRIDE = 32
+#: Crops per batch for the crop-by-crop reference method.
+CROP_BATCH = 32
+METHODS = ("dense", "crops")
+MAP_KINDS = ("probability", "gradcam")
+
+
+@dataclass
+class ScanResult:
+    """One photo's scan.
+
+    Attributes:
+        source: The photo's name (its path, or a description of bytes/streams).
+        photo_size: ``(width, height)`` of the photo after its EXIF orientation is applied.
+        patch_size: Side of one classified patch, in photo pixels.
+        stride: Photo pixels between neighbouring map cells (a whole number of network cells).
+        probability: Crack probability per map cell, float32, ``rows x cols``.
+        threshold: Cells at or above it are flagged.
+        scale: Network pixels per photo pixel (``input_size / patch_size``).
+        map_origin: Photo coordinates ``(x, y)`` of the top-left corner of cell (0, 0)'s patch.
+        method: ``"dense"`` or ``"crops"``.
+        verdict: True when at least one cell is flagged.
+        flagged_fraction: Share of the photo's area covered by flagged cells.
+        regions: Connected groups of flagged cells (8-neighbourhood), strongest first: ``box``
+            ``[x0, y0, x1, y1]`` in photo pixels, ``max_probability``, ``mean_probability``, ``cells``,
+            ``area_fraction``.
+        seconds: Wall time of decoding plus scanning.
+    """
+
+    source: str
+    photo_size: tuple[int, int]
+    patch_size: int
+    stride: float
+    probability: np.ndarray
+    threshold: float
+    scale: float
+    map_origin: tuple[float, float]
+    method: str = "dense"
+    verdict: bool = False
+    flagged_fraction: float = 0.0
+    regions: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def map_shape(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the probability map."""
+        return tuple(self.probability.shape)  # type: ignore[return-value]
+
+    @property
+    def max_probability(self) -> float:
+        return float(self.probability.max()) if self.probability.size else 0.0
+
+    @property
+    def label(self) -> str:
+        return "crack" if self.verdict else "no crack"
+
+    def patch_box(self, row: int, col: int) -> tuple[float, float, float, float]:
+        """Photo-pixel box ``(x0, y0, x1, y1)`` of the patch classified for one map cell."""
+        x0 = self.map_origin[0] + col * self.stride
+        y0 = self.map_origin[1] + row * self.stride
+        return x0, y0, x0 + self.patch_size, y0 + self.patch_size
+
+    def cell_edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Photo-pixel boundaries (cols + 1 x-edges, rows + 1 y-edges) of the squares the cells own."""
+        rows, cols = self.map_shape
+        return (
+            _edges(cols, self.map_origin[0], self.stride, self.patch_size, self.photo_size[0]),
+            _edges(rows, self.map_origin[1], self.stride, self.patch_size, self.photo_size[1]),
+        )
+
+    def with_threshold(self, threshold: float) -> "ScanResult":
+        """The same map judged at another threshold (verdict, fraction and regions recomputed)."""
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+        judged = replace(self, threshold=float(threshold))
+        judged.verdict, judged.flagged_fraction, judged.regions = _assess(judged)
+        return judged
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary: everything except the map itself (see :func:`probability_png`)."""
+        return {
+            "file": self.source,
+            "verdict": self.label,
+            "is_crack": self.verdict,
+            "max_probability": round(self.max_probability, 6),
+            "flagged_fraction": round(self.flagged_fraction, 6),
+            "threshold": self.threshold,
+            "regions": self.regions,
+            "photo_size": list(self.photo_size),
+            "patch_size": self.patch_size,
+            "stride": round(self.stride, 4),
+            "scale": round(self.scale, 6),
+            "map_shape": list(self.map_shape),
+            "map_origin": [round(v, 3) for v in self.map_origin],
+            "method": self.method,
+            "seconds": round(self.seconds, 4),
+        }
+
+
+@dataclass
+class ScanSummary:
+    """What :func:`scan_paths` did: one result per photo scanned, one message per file that failed."""
+
+    results: list[ScanResult]
+    errors: list[str]
+    out_dir: Path
+
+
+def _edges(n: int, origin: float, stride: float, patch: float, size: int) -> np.ndarray:
+    """Boundaries halfway between neighbouring patch centres; the outer ones at the photo's edges."""
+    centres = origin + patch / 2 + stride * np.arange(n)
+    edges = np.concatenate([[0.0], (centres[:-1] + centres[1:]) / 2, [float(size)]])
+    return np.clip(edges, 0.0, float(size))
+
+
+def _assess(result: ScanResult) -> tuple[bool, float, list[dict[str, Any]]]:
+    """Verdict, flagged area fraction and regions of a map at its threshold."""
+    from scipy import ndimage
+
+    flagged = result.probability >= result.threshold
+    if not flagged.any():
+        return False, 0.0, []
+    xs, ys = result.cell_edges()
+    area = np.outer(np.diff(ys), np.diff(xs)) / float(result.photo_size[0] * result.photo_size[1])
+    labels, count = ndimage.label(flagged, structure=np.ones((3, 3), dtype=bool))
+    regions = []
+    for index, (rows, cols) in enumerate(ndimage.find_objects(labels), start=1):
+        member = labels[rows, cols] == index
+        values = result.probability[rows, cols][member]
+        regions.append({
+            "box": [int(round(xs[cols.start])), int(round(ys[rows.start])),
+                    int(round(xs[cols.stop])), int(round(ys[rows.stop]))],
+            "max_probability": round(float(values.max()), 6),
+            "mean_probability": round(float(values.mean()), 6),
+            "cells": int(member.sum()),
+            "area_fraction": round(float(area[rows, cols][member].sum()), 6),
+        })
+    regions.sort(key=lambda r: (-r["max_probability"], -r["cells"]))
+    return True, float(area[flagged].sum()), regions
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+
+def _oriented_size(data: bytes) -> tuple[int, int] | None:
+    """The photo's size after EXIF rotation, from its header alone; None when the header is unusable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # load_image will decode it again and say why in its own words
+        return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def decode_scaled(
+    source: ImageSource, scale: float, *, max_pixels: int = MAX_PIXELS
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode a photo (EXIF applied) and resize it by ``scale``.
+
+    Returns:
+        The scaled RGB image and the photo's own ``(width, height)``.
+
+    Raises:
+        ImageError: Unreadable, too large, or so small a patch size that the scaled photo would be too large.
+    """
+    name = describe(source)
+    if isinstance(source, bytes):
+        data = source
+    elif isinstance(source, (str, os.PathLike)):
+        data = read_bytes(source)
+    else:
+        data = source.read()
+    size = _oriented_size(data)
+    target = None
+    if size is not None:
+        target = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+        if target[0] * target[1] > max_pixels:
+            raise ImageError(name, f"refused: at this patch size the {size[0]}x{size[1]} photo would be scanned "
+                                   f"at {target[0]}x{target[1]} pixels; use a larger --patch-size")
+    # The DCT draft only ever shrinks, and only by 1/2, 1/4 or 1/8 while still covering the target.
+    image = load_image(data, reduce_to=target if scale < 1 else None, max_pixels=max_pixels, name=name)
+    if size is None or target is None:
+        size = image.size
+        target = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+    if image.size != target:
+        # Bilinear with antialiasing, as load_patch resizes the training patches.
+        image = image.resize(target, Image.Resampling.BILINEAR, reducing_gap=None)
+    return image, size
+
+
+# ----------------------------------------------------------------------------------------------- the map
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Where the patches lie in the scaled photo (network pixels)."""
+
+    rows: int
+    cols: int
+    step: int  # network pixels between cells, a multiple of NETWORK_STRIDE
+    window: int  # the patch side in network pixels (the model's input size)
+    offset: tuple[int, int]  # (x, y) of cell (0, 0)'s patch in the scaled photo; negative when padded
+
+
+def _plan(width: int, height: int, window: int, step: int) -> _Grid:
+    """As many whole patches as fit, centred in the photo (a photo smaller than a patch gets one)."""
+
+    def axis(size: int) -> tuple[int, int]:
+        count = max(1, (size - window) // step + 1)
+        used = window + (count - 1) * step
+        return count, (size - used) // 2
+
+    cols, x = axis(width)
+    rows, y = axis(height)
+    return _Grid(rows=rows, cols=cols, step=step, window=window, offset=(x, y))
+
+
+def _work_pixels(scaled: np.ndarray, grid: _Grid) -> np.ndarray:
+    """The part of the scaled photo the patches cover (edge-padded when the photo is smaller than a patch)."""
+    x, y = grid.offset
+    width = grid.window + (grid.cols - 1) * grid.step
+    height = grid.window + (grid.rows - 1) * grid.step
+    pad_y, pad_x = max(0, -y), max(0, -x)
+    if pad_x or pad_y:
+        scaled = np.pad(
+            scaled,
+            ((pad_y, height - scaled.shape[0] - pad_y), (pad_x, width - scaled.shape[1] - pad_x), (0, 0)),
+            mode="edge",
+        )
+        x, y = x + pad_x, y + pad_y
+    return scaled[y:y + height, x:x + width]
+
+
+_FUSED: "weakref.WeakKeyDictionary[nn.Module, list[_Stage]]" = weakref.WeakKeyDictionary()
+
+# The base is run in three stages, cut where the activation that has to be kept whole between stages is
+# smallest: after features[3] (24 channels at 1/4 resolution: 1.5 values per network pixel) and after
+# features[13] (96 channels at 1/16: 0.375 per pixel). Within a stage, activations are up to 24 values
+# per network pixel, so only the stages are tiled.
+_STAGE_STARTS = (0, 4, 14)
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """A slice of the base, run tile by tile."""
+
+    module: nn.Module
+    stride: int  # output pixels are this many input pixels apart
+    margin: int  # output pixels of context each tile needs per side: its receptive-field radius, rounded up
+    values_per_pixel: float  # largest activation inside the stage, in values per input pixel
+
+
+def _describe_stage(module: nn.Module) -> _Stage:
+    """Stride, receptive-field margin and peak activation size of a chain of convolutions.
+
+    Residual additions never widen the receptive field of the chain they bypass, so walking the
+    convolutions in order is enough for MobileNetV2.
+    """
+    stride, radius, peak = 1, 0, 0.0
+    for conv in (m for m in module.modules() if isinstance(m, nn.Conv2d)):
+        radius += (conv.kernel_size[0] // 2) * conv.dilation[0] * stride
+        stride *= conv.stride[0]
+        peak = max(peak, conv.in_channels / (stride // conv.stride[0]) ** 2, conv.out_channels / stride**2)
+    return _Stage(module=module, stride=stride, margin=math.ceil(radius / stride), values_per_pixel=peak)
+
+
+def _stages(model: CrackModel) -> list[_Stage]:
+    """The base with every BatchNorm folded into its convolution (same output, ~25% faster), in stages.
+
+    Cached per loaded network: a scan never changes the model, and training builds a new CrackModel.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    stages = _FUSED.get(model.module)
+    if stages is None:
+        fused = copy.deepcopy(model.module.features).eval()
+        for parent in fused.modules():
+            children = list(parent.named_children())
+            for (name, conv), (bn_name, bn) in zip(children, children[1:]):
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    setattr(parent, name, fuse_conv_bn_eval(conv, bn))
+                    setattr(parent, bn_name, nn.Identity())
+        fused.requires_grad_(False).to(memory_format=torch.channels_last)
+        bounds = list(_STAGE_STARTS) + [len(fused)]
+        stages = [_describe_stage(fused[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        _FUSED[model.module] = stages
+    return stages
+
+
+def _split(total: int, most: int) -> list[tuple[int, int]]:
+    """``[0, total)`` in near-equal consecutive pieces of at most ``most``."""
+    pieces = max(1, math.ceil(total / max(1, most)))
+    bounds = [round(i * total / pieces) for i in range(pieces + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def plan_tiles(rows: int, cols: int, margin: int, budget: int) -> list[tuple[int, int, int, int]]:
+    """Tile cores ``(r0, r1, c0, c1)`` covering a ``rows x cols`` output, each under ``budget`` pixels
+    with ``margin`` pixels added per side.
+
+    Full-width strips when a strip at least 8 pixels high fits (fewest seams), else squares.
+    """
+    if (cols + 2 * margin) * (min(rows, 8) + 2 * margin) <= budget:
+        most_cols = cols
+    else:
+        most_cols = max(1, math.isqrt(budget) - 2 * margin)
+    width = min(cols, most_cols) + 2 * margin
+    most_rows = max(1, budget // width - 2 * margin)
+    return [(r0, r1, c0, c1) for r0, r1 in _split(rows, most_rows) for c0, c1 in _split(cols, most_cols)]
+
+
+def _run_tiled(
+    stage: _Stage,
+    read: Callable[[int, int, int, int], torch.Tensor],
+    size: tuple[int, int],
+    max_values: int,
+    post: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Run a stage over an input of ``size`` (h, w) tile by tile; ``read(y0, y1, x0, x1)`` gives input tiles.
+
+    Every tile is read with ``stage.margin`` output pixels of context per side (clipped at the image
+    border, where the whole-image pass pads with zeros too) and starts on a multiple of the stride, so
+    the kept centre equals the whole-image result exactly.
+    """
+    height, width = size
+    s, m = stage.stride, stage.margin
+    rows, cols = math.ceil(height / s), math.ceil(width / s)
+    budget = max(1, int(max_values / stage.values_per_pixel) // (s * s))  # in output pixels
+    out: torch.Tensor | None = None
+    for r0, r1, c0, c1 in plan_tiles(rows, cols, m, budget):
+        y0, x0 = max(0, r0 - m), max(0, c0 - m)
+        tile = stage.module(read(y0 * s, min(height, (r1 + m) * s), x0 * s, min(width, (c1 + m) * s)))
+        if post is not None:
+            tile = post(tile)
+        if out is None:
+            out = torch.empty((1, tile.shape[1], rows, cols)).contiguous(memory_format=torch.channels_last)
+        out[:, :, r0:r1, c0:c1] = tile[:, :, r0 - y0:r1 - y0, c0 - x0:c1 - x0]
+    assert out is not None
+    return out
+
+
+#: Largest activation a tile may produce, in float32 values (4 bytes each). A tile's working set is
+#: about twice that: a 50-MP photo scans within ~0.3 GB above the process's baseline.
+TILE_VALUES = 32_000_000
+
+
+@torch.inference_mode()
+def cell_logits(model: CrackModel, pixels: np.ndarray, *, max_values: int = TILE_VALUES) -> torch.Tensor:
+    """The linear head (without bias) at every feature cell of an HxWx3 uint8 image: C x ceil(H/32) x ceil(W/32).
+
+    The base runs stage by stage, each stage in tiles with enough context that the result equals one
+    pass over the whole image, while memory stays bounded by ``max_values``.
+    """
+    first, *rest = _stages(model)
+    weight = model.module.classifier[-1].weight.detach().float()[:, :, None, None]
+
+    def read_pixels(y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+        return model.preprocess(np.array(pixels[y0:y1, x0:x1])[None])  # a writable copy of the tile
+
+    out = _run_tiled(first, read_pixels, pixels.shape[:2], max_values)
+    for index, stage in enumerate(rest):
+        previous = out
+
+        def read_map(y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+            return previous[:, :, y0:y1, x0:x1].contiguous(memory_format=torch.channels_last)
+
+        last = index == len(rest) - 1
+        # The last stage's 1280 channels go through the head as soon as a tile is done.
+        out = _run_tiled(stage, read_map, tuple(previous.shape[2:]), max_values,
+                         post=(lambda t: F.conv2d(t, weight)) if last else None)
+    return out[0]
+
+
+def _dense_map(model: CrackModel, work: np.ndarray, grid: _Grid, **tiling: Any) -> np.ndarray:
+    logits = cell_logits(model, work, **tiling)
+    cells = max(1, round(grid.window / NETWORK_STRIDE))
+    pooled = F.avg_pool2d(logits[None], cells, stride=grid.step // NETWORK_STRIDE)[0]
+    pooled = pooled + model.module.classifier[-1].bias.detach().float()[:, None, None]
+    probability = torch.softmax(pooled, dim=0)[model.crack_index].numpy().astype(np.float32)
+    assert probability.shape == (grid.rows, grid.cols), (probability.shape, grid)
+    return probability
+
+
+def _crops_map(model: CrackModel, work: np.ndarray, grid: _Grid) -> np.ndarray:
+    probability = np.empty(grid.rows * grid.cols, dtype=np.float32)
+    cells = [(i, j) for i in range(grid.rows) for j in range(grid.cols)]
+    w, s = grid.window, grid.step
+    for start in range(0, len(cells), CROP_BATCH):
+        chunk = cells[start:start + CROP_BATCH]
+        crops = np.stack([work[i * s:i * s + w, j * s:j * s + w] for i, j in chunk])
+        probability[start:start + len(chunk)] = model.crack_probability(crops, backend="torch")
+    return probability.reshape(grid.rows, grid.cols)
+
+
+def _check(patch_size: int, stride: int | None, threshold: float | None, method: str) -> None:
+    if patch_size < 8:
+        raise ValueError(f"patch size must be at least 8 photo pixels, got {patch_size}")
+    if stride is not None and stride < 1:
+        raise ValueError(f"stride must be a positive number of photo pixels, got {stride}")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use {' or '.join(METHODS)}")
+
+
+def scan_scaled(
+    model: CrackModel,
+    scaled: Image.Image | np.ndarray,
+    photo_size: tuple[int, int],
+    *,
+    patch_size: int = 227,
+    stride: int | None = None,
+    threshold: float | None = None,
+    method: str = "dense",
+    source: str = "<image>",
+    **tiling: Any,
+) -> ScanResult:
+    """Scan a photo that is already decoded and scaled by ``model.input_size / patch_size``.
+
+    :func:`scan_photo` decodes and calls this; callers that keep the decoded image (the overlay, the web
+    service) use it directly. ``tiling`` passes ``max_values`` to :func:`cell_logits`.
+    """
+    _check(patch_size, stride, threshold, method)
+    started = time.perf_counter()
+    pixels = np.asarray(scaled.convert("RGB") if isinstance(scaled, Image.Image) else scaled, dtype=np.uint8)
+    scale = model.input_size / patch_size
+    cells = 1 if stride is None else max(1, round(stride * scale / NETWORK_STRIDE))
+    grid = _plan(pixels.shape[1], pixels.shape[0], model.input_size, cells * NETWORK_STRIDE)
+    work = _work_pixels(pixels, grid)
+    if method == "dense":
+        probability = _dense_map(model, work, grid, **tiling)
+    else:
+        probability = _crops_map(model, work, grid)
+    # Photo-pixel geometry from the actual resize ratio (it differs from ``scale`` by rounding only).
+    ratio_x, ratio_y = photo_size[0] / pixels.shape[1], photo_size[1] / pixels.shape[0]
+    result = ScanResult(
+        source=source,
+        photo_size=(int(photo_size[0]), int(photo_size[1])),
+        patch_size=int(patch_size),
+        stride=grid.step / scale,
+        probability=probability,
+        threshold=float(model.threshold if threshold is None else threshold),
+        scale=scale,
+        map_origin=(grid.offset[0] * ratio_x, grid.offset[1] * ratio_y),
+        method=method,
+        seconds=time.perf_counter() - started,
+    )
+    return result.with_threshold(result.threshold)
+
+
+def scan_photo(
+    model: CrackModel,
+    source: ImageSource,
+    *,
+    patch_size: int = 227,
+    stride: int | None = None,
+    threshold: float | None = None,
+    method: str = "dense",
+    max_pixels: int = MAX_PIXELS,
+) -> ScanResult:
+    """Crack-probability map, regions and verdict for one photo.
+
+    Args:
+        model: A loaded classifier.
+        source: A path, the file's bytes or a binary stream; the EXIF orientation is honoured.
+        patch_size: Side of one classified patch in photo pixels (227: the scale of the training patches).
+        stride: Photo pixels between map cells; rounded to a whole number of network cells (32 network
+            pixels). Default: one cell.
+        threshold: Flag cells at or above this probability (default: the model's threshold).
+        method: ``"dense"`` (one pass of the base, fast) or ``"crops"`` (every patch classified alone).
+        max_pixels: Refuse photos, and scaled photos, larger than this (decompression-bomb guard).
+
+    Raises:
+        ImageError: The photo cannot be read, or is too large.
+        ValueError: A bad argument.
+    """
+    _check(patch_size, stride, threshold, method)
+    started = time.perf_counter()
+    scaled, photo_size = decode_scaled(source, model.input_size / patch_size, max_pixels=max_pixels)
+    result = scan_scaled(model, scaled, photo_size, patch_size=patch_size, stride=stride, threshold=threshold,
+                         method=method, source=describe(source))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+# Anchor colours of the heat scale (dark purple -> red -> yellow), interpolated linearly.
+_RAMP = np.array([[40, 11, 84], [120, 28, 109], [196, 55, 84], [240, 110, 40], [252, 190, 40], [252, 255, 164]],
+                 dtype=np.float32)
+REGION_COLOUR = (255, 32, 32)
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (any shape) -> RGB uint8 on the overlay's colour scale."""
+    position = np.clip(values, 0.0, 1.0) * (len(_RAMP) - 1)
+    low = np.minimum(position.astype(np.int64), len(_RAMP) - 2)
+    frac = (position - low)[..., None]
+    return (_RAMP[low] * (1 - frac) + _RAMP[low + 1] * frac + 0.5).astype(np.uint8)
+
+
+def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's bundled font at a pixel size (its bitmap font where FreeType is missing)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def _fit(image: Image.Image, max_side: int) -> Image.Image:
+    factor = max_side / max(image.size)
+    if factor >= 1:
+        return image.convert("RGB")
+    size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+    return image.convert("RGB").resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+
+def _cell_index(edges: np.ndarray, n_pixels: int, photo_extent: int) -> np.ndarray:
+    """For each output pixel along an axis, the map cell that owns it."""
+    centres = (np.arange(n_pixels) + 0.5) * (photo_extent / n_pixels)
+    return np.clip(np.searchsorted(edges, centres, side="right") - 1, 0, len(edges) - 2)
+
+
+def render_overlay(
+    photo: Image.Image, result: ScanResult, *, heatmap: np.ndarray | None = None, max_side: int = 2048
+) -> Image.Image:
+    """The photo with flagged cells tinted, regions outlined, and a legend band with the verdict.
+
+    Args:
+        photo: The photo at any resolution (the scaled one from :func:`decode_scaled` will do), oriented
+            as ``result.photo_size``.
+        result: Its scan.
+        heatmap: Optional map in [0, 1] over the whole photo (any resolution), drawn instead of the
+            probability map, e.g. Grad-CAM from :func:`crackscan.explain.gradcam_map_for_photo`.
+        max_side: Longest side of the photo part of the output.
+    """
+    base = _fit(photo, max_side)
+    width, height = base.size
+    pixels = np.asarray(base, dtype=np.float32)
+    xs, ys = result.cell_edges()
+    if heatmap is None:
+        cols = _cell_index(xs, width, result.photo_size[0])
+        rows = _cell_index(ys, height, result.photo_size[1])
+        values = result.probability[rows[:, None], cols[None, :]]
+        alpha = np.where(values >= result.threshold, 0.5, 0.0)[..., None]
+    else:
+        heat = Image.fromarray(np.clip(np.asarray(heatmap, np.float32), 0, 1), mode="F")
+        values = np.asarray(heat.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+        alpha = (0.65 * np.clip(values, 0, 1))[..., None]
+    blended = pixels * (1 - alpha) + heat_colours(values).astype(np.float32) * alpha
+    image = Image.fromarray((blended + 0.5).astype(np.uint8), "RGB")
+
+    draw = ImageDraw.Draw(image)
+    fx, fy = width / result.photo_size[0], height / result.photo_size[1]
+    line = max(2, round(max(width, height) / 400))
+    for region in result.regions:
+        x0, y0, x1, y1 = region["box"]
+        draw.rectangle([x0 * fx, y0 * fy, x1 * fx - 1, y1 * fy - 1], outline=REGION_COLOUR, width=line)
+    return _with_legend(image, result, gradcam=heatmap is not None)
+
+
+def _with_legend(image: Image.Image, result: ScanResult, *, gradcam: bool) -> Image.Image:
+    """A dark band under the image: the verdict, the colour scale with the threshold marked, and a key."""
+    width = image.width
+    text_size = max(11, min(32, width // 70))
+    pad = text_size // 2
+    band = Image.new("RGB", (width, pad * 3 + int(text_size * 4.4)), (24, 24, 24))
+    draw = ImageDraw.Draw(band)
+    big, small = font(int(text_size * 1.2)), font(text_size)
+    if result.verdict:
+        verdict = (f"CRACK: {len(result.regions)} region(s), {100 * result.flagged_fraction:.1f}% of the photo "
+                   f"flagged, max {result.max_probability:.2f}")
+        colour = (255, 90, 90)
+    else:
+        verdict = f"NO CRACK: no cell reaches {result.threshold:.2f} (max {result.max_probability:.2f})"
+        colour = (120, 220, 120)
+    draw.text((pad, pad), verdict, fill=colour, font=big)
+
+    # Colour scale 0..1 with the threshold marked, then the key on its own line.
+    bar_y = pad * 2 + int(text_size * 1.3)
+    bar_h = int(text_size * 0.9)
+    bar_w = max(60, min(width // 3, 500))
+    ramp = heat_colours(np.linspace(0, 1, bar_w))[None].repeat(bar_h, axis=0)
+    band.paste(Image.fromarray(ramp, "RGB"), (pad, bar_y))
+    tick = pad + round(result.threshold * (bar_w - 1))
+    draw.line([(tick, bar_y - 3), (tick, bar_y + bar_h + 2)], fill=(255, 255, 255), width=max(2, text_size // 8))
+    draw.text((2 * pad + bar_w, bar_y - text_size // 10), "0 .. 1", fill=(230, 230, 230), font=small)
+    what = "Grad-CAM heat x probability" if gradcam else f"crack probability (tinted at >= {result.threshold:.2f})"
+    key = f"{what}; patch {result.patch_size} px, step {result.stride:.0f} px, {result.method}; boxes: flagged regions"
+    draw.text((pad, bar_y + bar_h + pad), key, fill=(230, 230, 230), font=small)
+
+    out = Image.new("RGB", (width, image.height + band.height))
+    out.paste(image, (0, 0))
+    out.paste(band, (0, image.height))
+    return out
+
+
+def probability_png(result: ScanResult) -> bytes:
+    """The map as an 8-bit grayscale PNG, one pixel per cell: value / 255 is the crack probability."""
+    gray = np.clip(np.round(result.probability * 255.0), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(gray, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def contact_sheet(items: Sequence[tuple[str, Image.Image]], *, thumb: int = 360, columns: int = 4) -> Image.Image:
+    """Thumbnails of overlays on a grid, each captioned with its name."""
+    columns = max(1, min(columns, len(items)))
+    rows = math.ceil(len(items) / columns)
+    caption = 22
+    thumbs = []
+    for name, image in items:
+        copy_ = image.copy()
+        copy_.thumbnail((thumb, thumb))
+        thumbs.append((name, copy_))
+    cell_h = max(t.height for _, t in thumbs) + caption
+    sheet = Image.new("RGB", (columns * (thumb + 8) + 8, rows * (cell_h + 8) + 8), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    small = font(14)
+    for index, (name, image) in enumerate(thumbs):
+        x = 8 + (index % columns) * (thumb + 8)
+        y = 8 + (index // columns) * (cell_h + 8)
+        sheet.paste(image, (x, y))
+        draw.text((x, y + image.height + 3), name[:48], fill=(0, 0, 0), font=small)
+    return sheet
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+SHEET_THUMB = 360
+OVERLAY_SIDE = 2048
+
+
+def _overlay_photo(path: Path, scaled: Image.Image, photo_size: tuple[int, int]) -> Image.Image:
+    """The scaled photo when it is sharp enough for the overlay, else the photo decoded again for it."""
+    wanted = min(OVERLAY_SIDE, max(photo_size))
+    if max(scaled.size) >= wanted:
+        return scaled
+    factor = wanted / max(photo_size)
+    return load_image(path, reduce_to=(round(photo_size[0] * factor), round(photo_size[1] * factor)))
+SUMMARY_FIELDS = ["file", "verdict", "flagged_fraction", "n_regions", "max_probability", "seconds", "error"]
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    stem, n = path.stem or "image", 2
+    candidate = stem
+    while candidate in used:  # same name in two folders: keep both
+        candidate, n = f"{stem}_{n}", n + 1
+    used.add(candidate)
+    return candidate
+
+
+def scan_paths(
+    model: CrackModel,
+    paths: Iterable[str | Path],
+    out_dir: str | Path,
+    *,
+    patch_size: int = 227,
+    stride: int | None = None,
+    threshold: float | None = None,
+    method: str = "dense",
+    map_kind: str = "probability",
+    quiet: bool = False,
+) -> ScanSummary:
+    """Scan photos and write, for each, ``<stem>.overlay.jpg``, ``<stem>.map.png`` and ``<stem>.json``.
+
+    Also writes ``summary.csv`` (one row per file, failures included) and, for more than one photo,
+    ``contact_sheet.jpg``. A file that cannot be read is reported on standard error (one line naming it
+    and the reason) and skipped; the batch goes on.
+
+    Args:
+        model: A loaded classifier.
+        paths: Photo paths (see :func:`crackscan.predict.expand_paths` for folders and globs).
+        out_dir: Output folder, created when missing.
+        patch_size: Side of one classified patch in photo pixels.
+        stride: Photo pixels between map cells (default: one network cell).
+        threshold: Decision threshold (default: the model's).
+        method: ``"dense"`` or ``"crops"``.
+        map_kind: What the overlay shows: ``"probability"`` or ``"gradcam"``.
+        quiet: No per-photo progress line on standard output.
+    """
+    _check(patch_size, stride, threshold, method)
+    if map_kind not in MAP_KINDS:
+        raise ValueError(f"unknown map kind {map_kind!r}: use {' or '.join(MAP_KINDS)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: list[ScanResult] = []
+    errors: list[str] = []
+    rows: list[dict[str, Any]] = []
+    sheet: list[tuple[str, Image.Image]] = []
+    used: set[str] = set()
+    for path in paths:
+        path = Path(path)
+        started = time.perf_counter()
+        try:
+            scaled, photo_size = decode_scaled(path, model.input_size / patch_size)
+            result = scan_scaled(model, scaled, photo_size, patch_size=patch_size, stride=stride,
+                                 threshold=threshold, method=method, source=str(path))
+            result.seconds = time.perf_counter() - started
+            heat = None
+            if map_kind == "gradcam":
+                from crackscan.explain import gradcam_map_for_photo
+
+                heat = gradcam_map_for_photo(model, scaled, result)
+            overlay = render_overlay(_overlay_photo(path, scaled, photo_size), result, heatmap=heat)
+        except ImageError as err:
+            message = str(err)
+        except (OSError, ValueError, RuntimeError) as err:  # e.g. a decoder bug: name the file, go on
+            message = f"{path}: cannot scan ({type(err).__name__}: {err})"
+        else:
+            stem = _unique_stem(path, used)
+            overlay.save(out_dir / f"{stem}.overlay.jpg", quality=88)
+            (out_dir / f"{stem}.map.png").write_bytes(probability_png(result))
+            record = result.to_dict() | {"overlay": f"{stem}.overlay.jpg", "map": f"{stem}.map.png",
+                                         "map_kind": map_kind}
+            (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+            results.append(result)
+            # Thumbnails only: a folder of hundreds of photos must not keep full overlays in memory.
+            overlay.thumbnail((SHEET_THUMB, SHEET_THUMB))
+            sheet.append((f"{path.name}: {result.label}", overlay))
+            rows.append({"file": str(path), "verdict": result.label,
+                         "flagged_fraction": f"{result.flagged_fraction:.6f}", "n_regions": len(result.regions),
+                         "max_probability": f"{result.max_probability:.6f}", "seconds": f"{result.seconds:.3f}",
+                         "error": ""})
+            if not quiet:
+                print(f"{result.label:<9} max {result.max_probability:.3f}  {100 * result.flagged_fraction:5.1f}% "
+                      f"flagged  {len(result.regions)} region(s)  {result.seconds:.2f} s  {path}", flush=True)
+            continue
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        errors.append(message)
+        rows.append({"file": str(path), "verdict": "error", "flagged_fraction": "", "n_regions": "",
+                     "max_probability": "", "seconds": "", "error": message})
+    with open(out_dir / "summary.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    if len(sheet) > 1:
+        contact_sheet(sheet).save(out_dir / "contact_sheet.jpg", quality=85)
+    return ScanSummary(results=results, errors=errors, out_dir=out_dir)

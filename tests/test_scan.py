@@ -1,0 +1,335 @@
+"""Whole-photo scans: dense maps, geometry, EXIF, huge and broken files, batch outputs."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from conftest import IMAGENET_WEIGHTS, concrete_patch, require
+from crackscan.images import ImageError
+from crackscan.model import build_model, load_model, load_pretrained_base, make_meta, save_model
+from crackscan.predict import expand_paths
+from crackscan.scan import (
+    ScanResult,
+    cell_logits,
+    decode_scaled,
+    probability_png,
+    render_overlay,
+    scan_paths,
+    scan_photo,
+    scan_scaled,
+)
+
+HEAD_SIZE = 128
+
+
+@functools.lru_cache(maxsize=1)
+def head_trained_model_path() -> Path:
+    """ImageNet base + a linear head fitted in seconds on generated patches (crack = dark jagged line)."""
+    require(IMAGENET_WEIGHTS)
+    import tempfile
+
+    torch.manual_seed(0)
+    module = build_model()
+    load_pretrained_base(module, IMAGENET_WEIGHTS)
+    module.eval().to(memory_format=torch.channels_last)
+    rng = np.random.default_rng(1)
+    labels = np.array([i % 2 for i in range(48)])
+    pixels = np.stack([np.asarray(concrete_patch(rng, HEAD_SIZE, bool(y))) for y in labels])
+    meta = make_meta(classes=["Negative", "Positive"], crack_index=1, input_size=HEAD_SIZE)
+    from crackscan.transforms import normalize_batch
+
+    with torch.inference_mode():
+        pooled = module.features(normalize_batch(pixels, meta["mean"], meta["std"])).mean(dim=(2, 3))
+    head = torch.nn.Linear(1280, 2)
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.01)
+    target = torch.as_tensor(labels)
+    for _ in range(300):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(pooled.clone()), target)
+        loss.backward()
+        optimizer.step()
+    module.classifier[1].load_state_dict(head.state_dict())
+    path = Path(tempfile.mkdtemp(prefix="crackscan-head-")) / "head.safetensors"
+    return save_model(path, module, meta)
+
+
+@pytest.fixture(scope="module")
+def head_model():
+    return load_model(head_trained_model_path())
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_path):
+    return load_model(tiny_model_path)
+
+
+def grid_photo(path: Path, cells: list[list[bool]], cell: int = 227, seed: int = 0) -> Path:
+    """A photo made of ``cell``-px concrete tiles; True tiles carry a crack."""
+    rng = np.random.default_rng(seed)
+    photo = Image.new("RGB", (cell * len(cells[0]), cell * len(cells)))
+    for i, row in enumerate(cells):
+        for j, crack in enumerate(row):
+            photo.paste(concrete_patch(rng, cell, crack), (j * cell, i * cell))
+    photo.save(path, quality=92)
+    return path
+
+
+def test_single_patch_photo_dense_equals_crops_and_predict(tiny_model, tmp_path):
+    # A photo exactly one patch large: both methods classify the same pixels with the same padding.
+    rng = np.random.default_rng(3)
+    path = tmp_path / "one.png"
+    concrete_patch(rng, 227, True).save(path)
+    dense = scan_photo(tiny_model, path)
+    crops = scan_photo(tiny_model, path, method="crops")
+    assert dense.map_shape == crops.map_shape == (1, 1)
+    direct = tiny_model.predict([path], backend="torch")[0].probability
+    assert dense.probability[0, 0] == pytest.approx(crops.probability[0, 0], abs=1e-5)
+    assert dense.probability[0, 0] == pytest.approx(direct, abs=1e-5)
+
+
+def test_tiled_base_equals_one_pass(head_model, tmp_path):
+    # Tiles small enough to force many seams in every stage must give the whole-image result.
+    rng = np.random.default_rng(4)
+    pixels = np.asarray(concrete_patch(rng, 416, True).resize((480, 352)))
+    whole = cell_logits(head_model, pixels, max_values=10**12)
+    with torch.inference_mode():
+        batch = head_model.preprocess(pixels[None])
+        reference = torch.nn.functional.conv2d(head_model.module.features(batch),
+                                               head_model.module.classifier[1].weight[:, :, None, None])[0]
+    tiled = cell_logits(head_model, pixels, max_values=2_000_000)
+    assert whole.shape == tiled.shape == (2, 11, 15)
+    assert torch.allclose(whole, reference, atol=1e-4)
+    assert torch.allclose(tiled, reference, atol=1e-4)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def test_dense_and_crops_maps_agree(head_model, tmp_path):
+    # The two maps differ by context: a dense cell's features also see the neighbouring photo, a crop's
+    # see zero padding. They must still rank the patches alike, and both must separate cracked tiles.
+    layout = [[False, True, False, False], [False, True, False, True], [True, False, False, True]]
+    path = grid_photo(tmp_path / "grid.jpg", layout)
+    dense = scan_photo(head_model, path, stride=113, threshold=0.5)
+    crops = scan_photo(head_model, path, stride=113, threshold=0.5, method="crops")
+    assert dense.map_shape == crops.map_shape
+    assert dense.stride == crops.stride == pytest.approx(2 * 32 * 227 / HEAD_SIZE)
+    assert np.corrcoef(_logit(dense.probability).ravel(), _logit(crops.probability).ravel())[0, 1] > 0.5
+    inside = np.zeros(dense.map_shape, dtype=bool)
+    plain = np.zeros(dense.map_shape, dtype=bool)
+    for i in range(dense.map_shape[0]):
+        for j in range(dense.map_shape[1]):
+            x0, y0, x1, y1 = dense.patch_box(i, j)
+            tiles = {layout[int(y // 227)][int(x // 227)] for y in (y0 + 1, y1 - 2) for x in (x0 + 1, x1 - 2)}
+            inside[i, j], plain[i, j] = tiles == {True}, tiles == {False}
+    for result in (dense, crops):
+        values = _logit(result.probability)
+        assert values[inside].mean() > values[plain].mean() + 3
+    assert dense.verdict and crops.verdict
+
+
+def test_geometry_and_regions(tiny_model, tmp_path):
+    path = tmp_path / "plain.png"
+    Image.new("RGB", (1000, 700), (150, 150, 150)).save(path)
+    result = scan_photo(tiny_model, path)
+    scale = 64 / 227
+    step = 32 / scale
+    assert result.photo_size == (1000, 700)
+    assert result.stride == pytest.approx(step)
+    assert result.map_shape == ((round(700 * scale) - 64) // 32 + 1, (round(1000 * scale) - 64) // 32 + 1)
+    rows, cols = result.map_shape
+    x0, y0, _, _ = result.patch_box(0, 0)
+    _, _, x1, y1 = result.patch_box(rows - 1, cols - 1)
+    assert 0 <= x0 < step and 0 <= y0 < step and 1000 - step < x1 <= 1000 + 1 and 700 - step < y1 <= 700 + 1
+    # Replace the map with two known blobs and judge it again.
+    probability = np.zeros((rows, cols), dtype=np.float32)
+    probability[0:2, 0:2] = [[0.9, 0.8], [0.7, 0.95]]
+    probability[rows - 1, cols - 1] = 0.6
+    judged = ScanResult(**{**result.__dict__, "probability": probability}).with_threshold(0.5)
+    xs, ys = judged.cell_edges()
+    assert xs[0] == 0 and xs[-1] == 1000 and ys[0] == 0 and ys[-1] == 700 and np.all(np.diff(xs) > 0)
+    assert judged.verdict and len(judged.regions) == 2
+    first, second = judged.regions
+    assert first["box"] == [0, 0, round(xs[2]), round(ys[2])]
+    assert first["max_probability"] == pytest.approx(0.95) and first["cells"] == 4
+    assert first["mean_probability"] == pytest.approx(0.8375)
+    assert second["box"] == [round(xs[-2]), round(ys[-2]), 1000, 700]
+    assert judged.flagged_fraction == pytest.approx(first["area_fraction"] + second["area_fraction"], abs=1e-5)
+    assert judged.with_threshold(0.96).verdict is False
+    everything = judged.with_threshold(0.0)
+    assert everything.flagged_fraction == pytest.approx(1.0)
+    assert everything.regions[0]["box"] == [0, 0, 1000, 700]
+    record = json.loads(json.dumps(judged.to_dict()))
+    assert record["verdict"] == "crack" and record["map_shape"] == [rows, cols]
+
+
+def test_exif_rotated_photo(tiny_model, tmp_path):
+    # Stored 600 wide x 400 high with a dark block at its top-left; orientation 6 shows it rotated 90
+    # degrees clockwise: 400 wide x 600 high, with the block at the top-right.
+    stored = Image.new("RGB", (600, 400), (200, 200, 200))
+    ImageDraw.Draw(stored).rectangle([0, 0, 150, 100], fill=(0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    stored.save(path, exif=exif, quality=95)
+    result = scan_photo(tiny_model, path, patch_size=100)
+    assert result.photo_size == (400, 600)
+    rows, cols = result.map_shape
+    assert rows > cols
+    scaled, size = decode_scaled(path, 64 / 100)
+    assert size == (400, 600) and scaled.size == (256, 384)
+    pixels = np.asarray(scaled, dtype=np.float32).mean(axis=2)
+    assert pixels[:30, -30:].mean() < 40 and pixels[:30, :30].mean() > 150
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused(tiny_model, tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header_only(60000, 60000))
+    with pytest.raises(ImageError) as err:
+        scan_photo(tiny_model, path)
+    message = str(err.value)
+    assert "bomb.png" in message and "refused" in message and "\n" not in message
+
+
+def test_too_small_patch_for_photo_is_refused(tiny_model, tmp_path):
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (400, 300)).save(path)
+    with pytest.raises(ImageError, match="larger --patch-size"):
+        scan_photo(tiny_model, path, patch_size=8, max_pixels=1_000_000)
+
+
+MEMORY_SCRIPT = """
+import resource, sys, time
+import numpy as np
+from PIL import Image
+from crackscan.model import load_model
+from crackscan.scan import scan_photo
+model = load_model(sys.argv[1])
+model.crack_probability(np.zeros((1, 64, 64, 3), np.uint8), backend="torch")
+with open("/proc/self/status") as handle:
+    before = next(int(line.split()[1]) for line in handle if line.startswith("VmRSS")) / 1024
+result = scan_photo(model, sys.argv[2], patch_size=64)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(result.map_shape[0], result.map_shape[1], round(after - before))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc (Linux)")
+def test_large_photo_scanned_in_tiles_with_bounded_memory(tiny_model_path, tmp_path):
+    # 6 MP scanned at scale 1 (patch 64 = input 64): one pass would need ~0.6 GB for its largest
+    # activation alone (24 values per pixel); the tiles keep the growth to a fraction of that.
+    path = tmp_path / "large.jpg"
+    rng = np.random.default_rng(0)
+    small = rng.integers(100, 200, (200, 300, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((3000, 2000), Image.Resampling.NEAREST).save(path, quality=80)
+    done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tiny_model_path), str(path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows, cols, grown_mb = map(int, done.stdout.split()[-3:])
+    assert (rows, cols) == ((2000 - 64) // 32 + 1, (3000 - 64) // 32 + 1)
+    print(f"peak RSS grew by {grown_mb} MB")
+    assert grown_mb < 500, grown_mb  # measured ~340 MB; one untiled pass needs well over 1 GB
+
+
+def test_folder_with_corrupt_file(tiny_model, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for name in ("a.jpg", "b.png"):
+        concrete_patch(rng, 300, True).resize((500, 400)).save(folder / name)
+    good = (folder / "a.jpg").read_bytes()
+    (folder / "c_truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "d_text.jpg").write_text("not an image")
+    out = tmp_path / "out"
+    summary = scan_paths(tiny_model, list(expand_paths([folder])), out, quiet=True)
+    assert [Path(r.source).name for r in summary.results] == ["a.jpg", "b.png"]
+    assert len(summary.errors) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2
+    assert "c_truncated.jpg" in errors[0] and "d_text.jpg" in errors[1]
+    with open(out / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [Path(r["file"]).name for r in rows] == ["a.jpg", "b.png", "c_truncated.jpg", "d_text.jpg"]
+    assert rows[0]["error"] == "" and rows[0]["verdict"] in ("crack", "no crack")
+    assert rows[2]["verdict"] == "error" and "truncated" in rows[2]["error"]
+    for stem in ("a", "b"):
+        record = json.loads((out / f"{stem}.json").read_text())
+        assert record["photo_size"] == [500, 400]
+        assert Image.open(out / f"{stem}.overlay.jpg").width == 500
+        assert Image.open(out / f"{stem}.map.png").size[::-1] == tuple(record["map_shape"])
+    assert not (out / "c_truncated.json").exists()
+    assert (out / "contact_sheet.jpg").is_file()
+
+
+def test_probability_png_round_trip(tiny_model, tmp_path):
+    result = scan_photo(tiny_model, _save(tmp_path / "p.png", (700, 500)))
+    probability = np.linspace(0, 1, result.probability.size, dtype=np.float32).reshape(result.map_shape)
+    result = ScanResult(**{**result.__dict__, "probability": probability})
+    decoded = np.asarray(Image.open(io.BytesIO(probability_png(result))), dtype=np.float32) / 255
+    assert decoded.shape == result.map_shape
+    assert np.abs(decoded - probability).max() <= 0.5 / 255 + 1e-6
+
+
+def _save(path: Path, size: tuple[int, int]) -> Path:
+    Image.new("RGB", size, (150, 150, 150)).save(path)
+    return path
+
+
+def test_overlay_tints_flagged_cells_only(tiny_model, tmp_path):
+    photo = Image.new("RGB", (1200, 800), (128, 128, 128))
+    path = tmp_path / "grey.png"
+    photo.save(path)
+    result = scan_photo(tiny_model, path)
+    probability = np.zeros(result.map_shape, dtype=np.float32)
+    probability[0, 0] = 1.0
+    result = ScanResult(**{**result.__dict__, "probability": probability}).with_threshold(0.5)
+    overlay = render_overlay(photo, result, max_side=600)
+    assert overlay.width == 600 and overlay.height > 400  # photo part 600x400, plus the legend band
+    pixels = np.asarray(overlay, dtype=np.int32)
+    x0, y0, x1, y1 = result.regions[0]["box"]
+    inside = pixels[int(y0 / 2) + 5:int(y1 / 2) - 5, int(x0 / 2) + 5:int(x1 / 2) - 5]
+    assert np.abs(inside - 128).max() > 40  # tinted
+    assert np.abs(pixels[300:390, 300:590] - 128).max() <= 2  # untouched photo far from the region
+    heat = np.zeros((80, 120), np.float32)
+    heat[60:, 100:] = 1.0
+    with_heat = np.asarray(render_overlay(photo, result, heatmap=heat, max_side=600), dtype=np.int32)
+    assert np.abs(with_heat[330:395, 530:595] - 128).max() > 40
+
+
+def test_bad_arguments(tiny_model, tmp_path):
+    path = _save(tmp_path / "p.png", (300, 300))
+    with pytest.raises(ValueError, match="method"):
+        scan_photo(tiny_model, path, method="sliding")
+    with pytest.raises(ValueError, match="threshold"):
+        scan_photo(tiny_model, path, threshold=1.5)
+    with pytest.raises(ValueError, match="map kind"):
+        scan_paths(tiny_model, [path], tmp_path / "o", map_kind="saliency")
+
+
+def test_scan_scaled_small_photo_gets_one_padded_patch(tiny_model):
+    result = scan_scaled(tiny_model, np.full((40, 50, 3), 120, np.uint8), (142, 113), patch_size=227)
+    assert result.map_shape == (1, 1)
+    assert result.map_origin[0] < 0 and result.map_origin[1] < 0
