@@ -1,0 +1,91 @@
+"""Grad-CAM for patches and scanned photos."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from conftest import concrete_patch
+from crackscan.explain import explain_image, gradcam, gradcam_map_for_photo
+from crackscan.model import load_model
+from crackscan.scan import decode_scaled, scan_paths, scan_scaled
+from test_scan import HEAD_SIZE, head_trained_model_path
+
+
+@pytest.fixture(scope="module")
+def head_model():
+    return load_model(head_trained_model_path())
+
+
+def crack_on_left(size: int, seed: int = 0) -> np.ndarray:
+    """Plain concrete with a dark jagged crack in the left quarter only."""
+    rng = np.random.default_rng(seed)
+    image = concrete_patch(rng, size, False)
+    x = size // 8
+    points = [(x + int(rng.integers(-size // 24, size // 24 + 1)), y) for y in range(0, size + 1, size // 8)]
+    ImageDraw.Draw(image).line(points, fill=(30, 30, 30), width=max(2, size // 40))
+    return np.asarray(image)
+
+
+def test_gradcam_shape_range_probability_and_no_side_effects(tiny_model_path):
+    model = load_model(tiny_model_path)
+    before = {name: p.requires_grad for name, p in model.module.named_parameters()}
+    pixels = np.asarray(concrete_patch(np.random.default_rng(0), 64, True))
+    with torch.inference_mode():  # as the web service would call it
+        probability, heat = gradcam(model, pixels)
+    assert heat.shape == (64, 64) and heat.dtype == np.float32
+    assert heat.min() >= 0 and heat.max() <= 1
+    assert probability == pytest.approx(float(model.crack_probability(pixels[None], backend="torch")[0]), abs=1e-5)
+    assert {name: p.requires_grad for name, p in model.module.named_parameters()} == before
+    assert all(p.grad is None for p in model.module.parameters())
+
+
+def test_heat_lies_on_the_crack(head_model):
+    pixels = crack_on_left(HEAD_SIZE)
+    probability, heat = gradcam(head_model, pixels)
+    assert probability > 0.5
+    quarter = HEAD_SIZE // 4
+    assert heat[:, :quarter].mean() > 2 * heat[:, 2 * quarter:].mean()
+    # The same patch mirrored moves the heat with the crack.
+    _, mirrored = gradcam(head_model, np.ascontiguousarray(pixels[:, ::-1]))
+    assert mirrored[:, -quarter:].mean() > 2 * mirrored[:, :2 * quarter].mean()
+
+
+def test_explain_image_writes_overlay(head_model, tmp_path):
+    source = tmp_path / "patch.jpg"
+    Image.fromarray(crack_on_left(227, seed=1)).save(source, quality=95)
+    out = tmp_path / "explained" / "patch.gradcam.png"
+    record = explain_image(head_model, source, out)
+    assert record["file"] == str(source) and record["overlay"] == str(out)
+    assert record["label"] == head_model.label_for(record["crack_probability"])
+    image = Image.open(out)
+    assert image.format == "PNG" and image.width > 2 * HEAD_SIZE
+    plain = tmp_path / "plain.jpg"
+    concrete_patch(np.random.default_rng(2), 227, False).save(plain)
+    lenient = explain_image(head_model, plain, tmp_path / "lenient.png", threshold=0.0)
+    assert lenient["label"] == "Positive"
+
+
+def test_gradcam_map_for_photo_follows_flagged_patches(head_model, tmp_path):
+    rng = np.random.default_rng(7)
+    photo = Image.new("RGB", (227 * 3, 227 * 2))
+    for j in range(3):
+        for i in range(2):
+            photo.paste(Image.fromarray(crack_on_left(227, seed=i * 4 + j)) if j == 0
+                        else concrete_patch(rng, 227, False), (j * 227, i * 227))
+    path = tmp_path / "photo.png"
+    photo.save(path)
+    scaled, size = decode_scaled(path, HEAD_SIZE / 227)
+    result = scan_scaled(head_model, scaled, size, threshold=0.5)
+    # Enough patches to cover the photo: each one's heat is weighted by its own crop probability,
+    # so the cracked column must outshine the plain ones.
+    heat = gradcam_map_for_photo(head_model, scaled, result, top_k=8)
+    assert heat.shape == (scaled.height, scaled.width) and heat.min() >= 0 and heat.max() <= 1
+    if result.verdict:
+        assert heat.max() > 0
+    third = scaled.width // 3
+    assert heat[:, :third].sum() > heat[:, 2 * third:].sum()
+    summary = scan_paths(head_model, [path], tmp_path / "out", map_kind="gradcam", threshold=0.5, quiet=True)
+    assert not summary.errors and (tmp_path / "out" / "photo.overlay.jpg").is_file()
