@@ -1,0 +1,216 @@
+"""Scan quality: mosaics of real patches with known labels, and the two real photos.
+
+Mosaics: real 227-px patches from ../shared/data/mendeley-dev (blocks not used for training) laid on
+a grid, so every tile's label is known. Each mosaic is scanned at patch size 227 (one tile = one
+patch) with the dense and the crop-by-crop method, and the map is scored per tile:
+
+* centre: the map cell whose patch is best aligned with the tile (at most half a map step away) decides;
+* any: the tile counts as flagged when any cell whose patch centre lies inside the tile is flagged.
+
+The reference is the same model classifying each tile's own file (`predict`): what the map would be
+if a scan saw the patches exactly as in training.
+
+Real photos: both photos in ../shared/data/photos are scanned (dense); the verdicts are reported and
+the overlays written to benchmarks/results/scan-photos/. The floor photo must flag its crack, the wall
+photo (cables, a hard negative) must flag nothing.
+
+Tiles come from --split RUN/split.csv (columns file,class,group,split; rows with split == test), or,
+without it, from blocks 18-20 of each class in blocks.csv.
+
+    python benchmarks/mosaic.py --model RUN/model.safetensors
+    python benchmarks/mosaic.py --split RUN/split.csv --mosaics 8 --grid 8x6
+    python benchmarks/mosaic.py --quick          # one small mosaic, < 60 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared"
+DATA = SHARED / "data" / "mendeley-dev"
+PHOTOS = SHARED / "data" / "photos"
+RESULTS = HERE / "results"
+TILE = 227
+
+
+def tile_files(data: Path, split: Path | None, blocks: tuple[int, ...]) -> dict[str, list[Path]]:
+    """Held-out patch files per class name."""
+    chosen: dict[str, list[Path]] = {}
+    if split is not None:
+        with open(split, newline="") as handle:
+            for row in csv.DictReader(handle):
+                if row["split"] == "test":
+                    path = Path(row["file"])
+                    chosen.setdefault(row["class"], []).append(path if path.is_absolute() else data / path)
+    else:
+        with open(data / "blocks.csv", newline="") as handle:
+            for row in csv.DictReader(handle):
+                if int(row["block"]) in blocks:
+                    chosen.setdefault(row["class"], []).append(data / row["file"])
+    if not chosen:
+        sys.exit("no held-out tiles found (check --split / --blocks)")
+    return chosen
+
+
+def build_mosaic(
+    files: dict[str, list[Path]], crack_class: str, rows: int, cols: int, crack_share: float,
+    rng: np.random.Generator,
+) -> tuple[Image.Image, np.ndarray, list[list[Path]]]:
+    """A rows x cols grid of real patches; returns the image, the crack mask and the files used."""
+    other = next(c for c in files if c != crack_class)
+    labels = rng.random((rows, cols)) < crack_share
+    image = Image.new("RGB", (cols * TILE, rows * TILE))
+    used: list[list[Path]] = []
+    for i in range(rows):
+        used.append([])
+        for j in range(cols):
+            pool = files[crack_class] if labels[i, j] else files[other]
+            path = pool[int(rng.integers(len(pool)))]
+            with Image.open(path) as patch:
+                image.paste(patch.convert("RGB").resize((TILE, TILE)), (j * TILE, i * TILE))
+            used[i].append(path)
+    return image, labels, used
+
+
+def tile_scores(result, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per tile: the best-aligned cell's probability, and the largest probability of cells centred in it."""
+    centre = np.zeros((rows, cols), np.float32)
+    anyone = np.zeros((rows, cols), np.float32)
+    r_cells, c_cells = result.map_shape
+    ox, oy = result.map_origin
+    for i in range(rows):
+        for j in range(cols):
+            ci = int(np.clip(round((i * TILE - oy) / result.stride), 0, r_cells - 1))
+            cj = int(np.clip(round((j * TILE - ox) / result.stride), 0, c_cells - 1))
+            centre[i, j] = result.probability[ci, cj]
+            cy = oy + result.patch_size / 2 + result.stride * np.arange(r_cells)
+            cx = ox + result.patch_size / 2 + result.stride * np.arange(c_cells)
+            inside_r = (cy >= i * TILE) & (cy < (i + 1) * TILE)
+            inside_c = (cx >= j * TILE) & (cx < (j + 1) * TILE)
+            anyone[i, j] = result.probability[np.ix_(inside_r, inside_c)].max()
+    return centre, anyone
+
+
+def score(labels: np.ndarray, flagged: np.ndarray) -> dict:
+    tp = int((labels & flagged).sum())
+    tn = int((~labels & ~flagged).sum())
+    return {
+        "accuracy": round(float((labels == flagged).mean()), 4),
+        "recall": round(tp / max(1, int(labels.sum())), 4),
+        "specificity": round(tn / max(1, int((~labels).sum())), 4),
+        "tiles": int(labels.size),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="model file or run folder (default: the shipped model)")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--split", type=Path, help="RUN/split.csv: use its test rows")
+    parser.add_argument("--blocks", type=int, nargs="+", default=[18, 19, 20], help="blocks.csv blocks (default 18 19 20)")
+    parser.add_argument("--mosaics", type=int, default=4)
+    parser.add_argument("--grid", default="8x6", help="COLSxROWS tiles per mosaic (default 8x6)")
+    parser.add_argument("--crack-share", type=float, default=0.3, help="share of crack tiles (default 0.3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-crops", action="store_true", help="skip the slow crop-by-crop method")
+    parser.add_argument("--quick", action="store_true", help="one 4x3 mosaic and the photos: a smoke run")
+    args = parser.parse_args()
+
+    from crackscan.model import ModelError, load_model
+    from crackscan.runtime import tune_allocator
+    from crackscan.scan import render_overlay, scan_paths, scan_scaled
+
+    tune_allocator()
+    if not args.data.is_dir():
+        sys.exit(f"needs {args.data}")
+    try:
+        model = load_model(args.model)
+    except ModelError as err:
+        sys.exit(f"error: {err}")
+    cols, rows = (int(v) for v in args.grid.lower().split("x"))
+    if args.quick:
+        args.mosaics, cols, rows = 1, 4, 3
+    files = tile_files(args.data, args.split, tuple(args.blocks))
+    rng = np.random.default_rng(args.seed)
+    methods = ["dense"] if args.no_crops else ["dense", "crops"]
+    out_dir = RESULTS / "scan-mosaics"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    labels_all, reference_all = [], []
+    per_method: dict[str, dict[str, list]] = {m: {"centre": [], "any": [], "seconds": []} for m in methods}
+    for index in range(args.mosaics):
+        image, labels, used = build_mosaic(files, model.crack_class, rows, cols, args.crack_share, rng)
+        flat = [p for row in used for p in row]
+        reference = np.array([p.is_crack for p in model.predict(flat, backend="torch")]).reshape(rows, cols)
+        labels_all.append(labels)
+        reference_all.append(reference)
+        scale = model.input_size / TILE
+        scaled = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
+        for method in methods:
+            started = time.perf_counter()
+            result = scan_scaled(model, scaled, image.size, method=method, source=f"mosaic-{index}")
+            per_method[method]["seconds"].append(time.perf_counter() - started)
+            centre, anyone = tile_scores(result, rows, cols)
+            per_method[method]["centre"].append(centre >= result.threshold)
+            per_method[method]["any"].append(anyone >= result.threshold)
+            if index == 0:
+                render_overlay(image, result, max_side=1600).save(out_dir / f"mosaic-{index}-{method}.jpg", quality=85)
+        print(f"mosaic {index + 1}/{args.mosaics}: {int(labels.sum())} crack tiles of {labels.size}", flush=True)
+
+    labels = np.concatenate([m.ravel() for m in labels_all])
+    report_rows = [dict(map="per-patch predict (reference)", **score(labels, np.concatenate([r.ravel() for r in reference_all])))]
+    for method in methods:
+        for rule in ("centre", "any"):
+            flagged = np.concatenate([m.ravel() for m in per_method[method][rule]])
+            report_rows.append(dict(map=f"{method} map, {rule} cell", **score(labels, flagged),
+                                    seconds_per_mosaic=round(float(np.mean(per_method[method]["seconds"])), 3)))
+
+    photos = []
+    if PHOTOS.is_dir():
+        summary = scan_paths(model, sorted(PHOTOS.glob("*.jpg")), RESULTS / "scan-photos", quiet=True)
+        for result in summary.results:
+            name = Path(result.source).name
+            expected = "no crack" if "no-crack" in name else "crack"
+            photos.append({"photo": name, "verdict": result.label, "expected": expected,
+                           "ok": result.label == expected, "max_probability": round(result.max_probability, 4),
+                           "flagged_fraction": round(result.flagged_fraction, 4), "regions": len(result.regions),
+                           "seconds": round(result.seconds, 3)})
+
+    print(f"\nmodel: {model.path}  threshold {model.threshold:.3f}  tiles from "
+          f"{args.split or 'blocks ' + ' '.join(map(str, args.blocks))}")
+    print(f"{'map':<32}{'accuracy':>9}{'recall':>8}{'specif.':>8}{'tiles':>7}{'s/mosaic':>9}")
+    for row in report_rows:
+        print(f"{row['map']:<32}{row['accuracy']:>9.3f}{row['recall']:>8.3f}{row['specificity']:>8.3f}"
+              f"{row['tiles']:>7}{row.get('seconds_per_mosaic', ''):>9}")
+    for photo in photos:
+        print(f"photo {photo['photo']}: {photo['verdict']} (expected {photo['expected']}) max {photo['max_probability']}, "
+              f"{photo['regions']} region(s), {100 * photo['flagged_fraction']:.1f}% flagged")
+    report = {
+        "benchmark": "mosaic",
+        "quick": args.quick,
+        "model": model.path,
+        "threshold": model.threshold,
+        "tiles_from": str(args.split) if args.split else {"blocks": args.blocks},
+        "grid": [cols, rows],
+        "mosaics": args.mosaics,
+        "crack_share": args.crack_share,
+        "rows": report_rows,
+        "photos": photos,
+        "overlays": str(RESULTS / "scan-photos"),
+    }
+    out = RESULTS / ("mosaic-quick.json" if args.quick else "mosaic.json")
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
