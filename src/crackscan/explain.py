@@ -44,7 +44,7 @@ def gradcam(model: CrackModel, pixels: np.ndarray) -> tuple[float, np.ndarray]:
     """
     module = model.module
     height, width = pixels.shape[:2]
-    batch = model.preprocess(np.ascontiguousarray(pixels)[None])
+    batch = model.preprocess(np.array(pixels, dtype=np.uint8)[None])  # a writable copy: torch warns on read-only arrays
     # inference_mode(False): callers may sit inside torch.inference_mode(), where nothing can need a gradient.
     with torch.inference_mode(False):
         with torch.no_grad():
