@@ -105,6 +105,7 @@ def test_scan_returns_summary_images_and_map(client, model, photo_bytes):
     grey = decode_data_url(body["map"], "image/png")
     assert grey.mode == "L" and grey.size == (cols, rows)
     assert np.abs(np.asarray(grey) / 255.0 - reference.probability).max() <= 0.5 / 255 + 1e-6
+    assert np.abs(np.asarray(body["probability"]) - reference.probability).max() < 1e-6
     assert body["is_crack"] == reference.verdict and body["verdict"] == reference.label
     assert body["regions"] == reference.regions
     # The cell edges tile the photo, so the page can draw the map over it.

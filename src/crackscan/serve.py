@@ -3,8 +3,8 @@
 ``create_app`` builds a FastAPI application; ``serve`` runs it with uvicorn (``crackscan serve``).
 
 * ``POST /predict``: one image (a patch) -> its crack probability and label.
-* ``POST /scan``: one photo -> the scan summary, the overlay, the photo and the probability map (the
-  page re-thresholds the map in the browser without uploading again).
+* ``POST /scan``: one photo -> the scan summary, the probability map (as numbers and as a PNG), the
+  overlay and the photo; the page re-thresholds the map in the browser without uploading again.
 * ``GET /model``, ``GET /health``; OpenAPI at ``/docs``; the page at ``/``.
 
 Load. The model is loaded once, in the lifespan. Decoding and inference run on worker threads,
@@ -243,6 +243,8 @@ def scan_upload(model: CrackModel, data: bytes, name: str, patch_size: int, thre
     xs, ys = result.cell_edges()
     return result.to_dict() | {
         "cell_edges": {"x": [round(float(v), 2) for v in xs], "y": [round(float(v), 2) for v in ys]},
+        # Exact values for re-thresholding in the browser; the PNG rounds them to 1/255.
+        "probability": np.round(result.probability.astype(np.float64), 6).tolist(),
         "overlay": _data_url(_jpeg(overlay), "image/jpeg"),
         "photo": _data_url(_jpeg(photo), "image/jpeg"),
         "map": _data_url(probability_png(result), "image/png"),
@@ -276,6 +278,7 @@ class ScanAnswer(BaseModel):
     patch_size: int
     map_shape: list[int]
     cell_edges: dict[str, list[float]] = Field(description="photo-pixel boundaries of the map's columns (x) and rows (y)")
+    probability: list[list[float]] = Field(description="crack probability per map cell, rows x columns")
     overlay: str = Field(description="the overlay with the verdict legend, as a JPEG data URL")
     photo: str = Field(description="the photo without overlay, as a JPEG data URL (for redrawing)")
     map: str = Field(description="the probability map as a grayscale PNG data URL, one pixel per cell, 255 = 1.0")

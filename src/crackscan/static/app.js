@@ -1,5 +1,5 @@
 // crackscan page: upload a photo to /scan, show the verdict, and redraw the probability map at any
-// threshold in the browser (the map comes back as a grayscale PNG, one pixel per cell, 255 = 1.0).
+// threshold in the browser from the map's values in the answer, without uploading again.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -13,7 +13,7 @@ const els = {
 // The server's heat scale (crackscan.scan._RAMP): dark purple -> red -> yellow.
 const RAMP = [[40, 11, 84], [120, 28, 109], [196, 55, 84], [240, 110, 40], [252, 190, 40], [252, 255, 164]];
 let maxUpload = 30 * 1024 * 1024;
-let current = null; // {scan, values: Uint8Array rows*cols, rows, cols, photo: HTMLImageElement}
+let current = null; // {scan, values: Float64Array rows*cols, rows, cols, photo: HTMLImageElement}
 
 function heat(value) {
   const pos = Math.min(Math.max(value, 0), 1) * (RAMP.length - 1);
@@ -65,6 +65,7 @@ async function upload(file) {
   const form = new FormData();
   form.append("photo", file, file.name);
   form.append("patch_size", els.patch.value || "227");
+  els.result.hidden = true; // never show the last photo's verdict beside a new upload
   setBusy(`Scanning ${file.name}…`);
   els.drop.setAttribute("aria-busy", "true");
   try {
@@ -88,16 +89,10 @@ async function upload(file) {
 }
 
 async function show(scan) {
-  const [photo, map] = await Promise.all([loadImage(scan.photo), loadImage(scan.map)]);
+  const photo = await loadImage(scan.photo);
   const [rows, cols] = scan.map_shape;
-  const reader = document.createElement("canvas");
-  reader.width = cols;
-  reader.height = rows;
-  const ctx = reader.getContext("2d", { willReadFrequently: true });
-  ctx.drawImage(map, 0, 0);
-  const rgba = ctx.getImageData(0, 0, cols, rows).data;
-  const values = new Uint8Array(rows * cols);
-  for (let i = 0; i < values.length; i++) values[i] = rgba[4 * i];
+  // The exact probabilities (the map PNG in the answer holds them rounded to 1/255).
+  const values = Float64Array.from(scan.probability.flat());
   current = { scan, values, rows, cols, photo };
 
   els.canvas.width = photo.naturalWidth;
@@ -110,6 +105,7 @@ async function show(scan) {
     `scanned in ${Number(scan.seconds).toFixed(2)} s`;
   els.result.hidden = false;
   render();
+  els.verdict.scrollIntoView({ block: "start", behavior: "smooth" });
 }
 
 // Flagged cells at threshold t, grouped into 8-connected regions, as the server groups them.
@@ -117,7 +113,7 @@ function assess(t) {
   const { values, rows, cols, scan } = current;
   const xs = scan.cell_edges.x, ys = scan.cell_edges.y;
   const area = scan.photo_size[0] * scan.photo_size[1];
-  const flagged = (i) => values[i] / 255 >= t;
+  const flagged = (i) => values[i] >= t;
   const seen = new Uint8Array(rows * cols);
   const regions = [];
   let flaggedArea = 0;
@@ -128,7 +124,7 @@ function assess(t) {
     let r0 = rows, r1 = -1, c0 = cols, c1 = -1, max = 0, sum = 0, cells = 0, cellArea = 0;
     while (stack.length) {
       const i = stack.pop();
-      const r = Math.floor(i / cols), c = i % cols, p = values[i] / 255;
+      const r = Math.floor(i / cols), c = i % cols, p = values[i];
       r0 = Math.min(r0, r); r1 = Math.max(r1, r); c0 = Math.min(c0, c); c1 = Math.max(c1, c);
       max = Math.max(max, p); sum += p; cells++;
       cellArea += (xs[c + 1] - xs[c]) * (ys[r + 1] - ys[r]);
@@ -169,7 +165,7 @@ function render() {
   ctx.globalAlpha = 0.5;
   for (let r = 0; r < rows; r++) {
     for (let c = 0; c < cols; c++) {
-      const p = values[r * cols + c] / 255;
+      const p = values[r * cols + c];
       if (p < t) continue;
       const [red, green, blue] = heat(p);
       ctx.fillStyle = `rgb(${red},${green},${blue})`;
