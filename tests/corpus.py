@@ -102,6 +102,14 @@ def exif_rotated_jpeg() -> bytes:
     return _jpeg(image, exif=exif.tobytes())
 
 
+def damaged_exif_jpeg() -> bytes:
+    """The EXIF-rotated JPEG with its EXIF block overwritten: the pixels are fine, the metadata is not."""
+    data = bytearray(exif_rotated_jpeg())
+    start = data.find(b"Exif\x00\x00") + 14  # past the TIFF header, into the tag directory
+    data[start : start + 16] = b"\xff" * 16
+    return bytes(data)
+
+
 def animated_gif() -> bytes:
     frames = [Image.fromarray(_noise((32, 32), 10 + i)).convert("P", palette=Image.Palette.ADAPTIVE) for i in range(3)]
     buffer = io.BytesIO()
@@ -141,6 +149,7 @@ def good_files() -> dict[str, tuple[str, bytes]]:
         "animated.gif": ("animated GIF (3 frames)", animated_gif()),
         "multipage.tif": ("multi-page TIFF (3 pages)", multipage_tiff()),
         "exif-rotated.jpg": ("JPEG with EXIF orientation 6", exif_rotated_jpeg()),
+        "damaged-exif.jpg": ("JPEG with a damaged EXIF block", damaged_exif_jpeg()),
         "UPPER CASE.JPG": ("upper-case suffix and a space", _jpeg(Image.fromarray(_noise((40, 40), 5)))),
         "crack photo 2 (copy).jpg": ("spaces and brackets in the name", _jpeg(Image.fromarray(_noise((40, 40), 6)))),
         "fissure béton ü 写真.jpg": ("non-ASCII name", _jpeg(Image.fromarray(_noise((40, 40), 7)))),

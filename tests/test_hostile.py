@@ -1,8 +1,9 @@
 """Every command over the hostile corpus (tests/corpus.py): odd files are used, broken ones reported.
 
-The CLI runs as a real process (``python -m crackscan.cli``) so that exit codes, stderr lines and the
-absence of tracebacks are what a user sees. As root, the process runs without the capabilities that
-let root read mode-000 files, so the unreadable file really is unreadable.
+The command lines run through ``crackscan.cli.main`` in a separate process (all of them in one, to pay
+for importing torch once), with stdout and stderr captured at the descriptor level, so exit codes,
+messages and the absence of tracebacks are what a user sees. As root, that process runs without the
+capabilities that let root read mode-000 files, so the unreadable file really is unreadable.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,18 +72,36 @@ def expected_bad(enforced: bool, entries: list[Entry] = BAD) -> list[Entry]:
     return [e for e in entries if enforced or e.name != "unreadable.jpg"]
 
 
-def cli(prefix: list[str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run the real ``crackscan`` command in a fresh process."""
-    command = [*prefix, sys.executable, "-m", "crackscan.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout)
+@dataclass
+class Run:
+    """One command line's exit code and output."""
+
+    code: int | str
+    out: str
+    err: str
+    seconds: float
+
+
+def run_batch(prefix: list[str], jobs: dict[str, list[str]], folder: Path, timeout: float = 400) -> dict[str, Run]:
+    """Run command lines through ``crackscan.cli.main`` in one fresh process (see tests/cli_batch.py)."""
+    (folder / "jobs.json").write_text(json.dumps(jobs), encoding="utf-8")
+    command = [*prefix, sys.executable, "-W", "default", str(Path(__file__).with_name("cli_batch.py")),
+               str(folder / "jobs.json"), str(folder / "results.json")]
+    # One thread: several processes' OpenMP threads spinning on a shared machine's cores slow each other
+    # down many times over; the behaviour under test does not depend on the thread count.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=timeout, env=env)
+    assert done.returncode == 0, f"the batch process failed: {done.stderr[-3000:]}"
+    results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    return {name: Run(**r) for name, r in results.items()}
 
 
 def lines_naming(text: str, path: str) -> list[str]:
     return [line for line in text.splitlines() if path in line]
 
 
-def assert_no_traceback(done: subprocess.CompletedProcess) -> None:
-    assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
+def assert_no_traceback(run: Run) -> None:
+    assert run.code != "crashed" and "Traceback" not in run.out + run.err, run.err[-3000:]
 
 
 def weights_arg() -> str:
@@ -150,63 +170,7 @@ def test_bombs_are_refused_from_a_tiny_file(corpus):
 
 
 # ----------------------------------------------------------------------------------------------------
-# predict
-
-
-@pytest.fixture(scope="module")
-def predict_run(corpus, prefix, tiny_model_path):
-    # The folder as a user passes it, plus the folder named x.jpg by name (a folder walk enters it).
-    return cli(prefix, "predict", str(tiny_model_path), str(corpus), str(corpus / "x.jpg"), "--format", "json",
-               "--backend", "torch")
-
-
-def test_predict_exit_code_and_no_traceback(predict_run, enforced):
-    assert_no_traceback(predict_run)
-    assert predict_run.returncode == 1, predict_run.stderr
-    errors = [line for line in predict_run.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == len(expected_bad(enforced)), predict_run.stderr
-    rows = json.loads(predict_run.stdout)
-    assert len(rows) == len(ENTRIES)
-
-
-@pytest.mark.parametrize("entry", ENTRIES, ids=ids(ENTRIES))
-def test_predict_each_corpus_file(predict_run, corpus, entry, enforced):
-    skip_if_readable(entry, enforced)
-    path = str(corpus / entry.name)
-    rows = [r for r in json.loads(predict_run.stdout) if r["file"] == path]
-    assert len(rows) == 1, f"{path} appears {len(rows)} times in the output"
-    row = rows[0]
-    said = lines_naming(predict_run.stderr, path)
-    if entry.ok:
-        assert row["error"] is None and 0.0 <= row["crack_probability"] <= 1.0, row
-        assert row["label"] in ("Negative", "Positive")
-        assert not said, said
-    else:
-        assert row["crack_probability"] is None and entry.reason in row["error"].lower(), row
-        assert len(said) == 1 and entry.reason in said[0].lower(), said
-
-
-def test_predict_all_good_exits_zero(corpus, prefix, tiny_model_path):
-    files = [str(corpus / e.name) for e in GOOD]
-    done = cli(prefix, "predict", str(tiny_model_path), *files, "--backend", "torch")
-    assert_no_traceback(done)
-    assert done.returncode == 0, done.stderr
-    assert done.stderr.strip() == ""
-    table = done.stdout.splitlines()[1:]
-    assert len(table) == len(GOOD)
-    for line, path in zip(table, files):
-        probability, label, name = line.split(None, 2)
-        assert name == path and 0 <= float(probability) <= 1 and label in ("Negative", "Positive")
-
-
-def test_predict_missing_model_is_one_line_exit_2(corpus, prefix, tmp_path):
-    done = cli(prefix, "predict", "--model", str(tmp_path / "nope.safetensors"), str(corpus / "plain.jpg"))
-    assert_no_traceback(done)
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-
-
-# ----------------------------------------------------------------------------------------------------
-# train and evaluate: the corpus mixed into a labelled dataset
+# Every command over the corpus, in one process
 
 
 @pytest.fixture(scope="module")
@@ -217,27 +181,104 @@ def hostile_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def train_run(hostile_dataset, prefix, tmp_path_factory):
-    out = tmp_path_factory.mktemp("hostile-runs")
-    done = cli(prefix, "train", str(hostile_dataset), "--out", str(out), "--name", "h", "--weights", weights_arg(),
-               "--input-size", "64", "--head-epochs", "1", "--finetune-epochs", "1", "--views", "1",
-               "--run-length", "5", "--quiet")
-    return done, out / "h"
+def runs(corpus, hostile_dataset, prefix, tiny_model_path, tmp_path_factory) -> tuple[dict[str, Run], Path]:
+    out = tmp_path_factory.mktemp("hostile-out")
+    model = str(tiny_model_path)
+    files = [str(corpus / e.name) for e in ENTRIES]
+    jobs = {
+        # The folder as a user passes it, plus the folder named x.jpg by name (a folder walk enters it).
+        "predict": ["predict", model, str(corpus), str(corpus / "x.jpg"), "--format", "json", "--backend", "torch"],
+        "predict-good": ["predict", model, *[str(corpus / e.name) for e in GOOD], "--backend", "torch"],
+        "predict-no-model": ["predict", "--model", str(out / "nope.safetensors"), str(corpus / "plain.jpg")],
+        # No test split: the run's own test evaluation reads no files and only costs time here.
+        "train": ["train", str(hostile_dataset), "--out", str(out / "runs"), "--name", "h", "--weights", weights_arg(),
+                  "--input-size", "64", "--head-epochs", "1", "--finetune-epochs", "1", "--views", "1",
+                  "--run-length", "5", "--test-fraction", "0", "--quiet"],
+        "evaluate": ["evaluate", model, str(hostile_dataset), "--out", str(out / "eval"), "--quiet", "--backend", "torch"],
+    }
+    if has_module("crackscan.scan"):
+        jobs["scan"] = ["scan", model, *files, "--out", str(out / "scan"), "--quiet"]
+    if has_module("crackscan.explain"):
+        jobs["explain"] = ["explain", model, *files, "--out", str(out / "explain")]
+    return run_batch(prefix, jobs, out), out
 
 
-def test_train_completes_over_the_corpus(train_run):
-    done, run_dir = train_run
-    assert_no_traceback(done)
-    assert done.returncode in (0, 1), done.stderr
+def command(runs, name: str) -> Run:
+    results, _ = runs
+    if name not in results:
+        pytest.skip(f"crackscan.{name} is not written yet")
+    return results[name]
+
+
+# ----------------------------------------------------------------------------------------------------
+# predict
+
+
+def test_predict_exit_code_and_no_traceback(runs, enforced):
+    run = command(runs, "predict")
+    assert_no_traceback(run)
+    assert run.code == 1, run.err
+    errors = [line for line in run.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == len(expected_bad(enforced)), run.err
+    assert len(json.loads(run.out)) == len(ENTRIES)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=ids(ENTRIES))
+def test_predict_each_corpus_file(runs, corpus, entry, enforced):
+    skip_if_readable(entry, enforced)
+    run = command(runs, "predict")
+    path = str(corpus / entry.name)
+    rows = [r for r in json.loads(run.out) if r["file"] == path]
+    assert len(rows) == 1, f"{path} appears {len(rows)} times in the output"
+    row = rows[0]
+    said = lines_naming(run.err, path)
+    if entry.ok:
+        assert row["error"] is None and 0.0 <= row["crack_probability"] <= 1.0, row
+        assert row["label"] in ("Negative", "Positive")
+        assert not said, said
+    else:
+        assert row["crack_probability"] is None and entry.reason in row["error"].lower(), row
+        assert len(said) == 1 and entry.reason in said[0].lower(), said
+
+
+def test_predict_all_good_exits_zero(runs, corpus):
+    run = command(runs, "predict-good")
+    assert_no_traceback(run)
+    assert run.code == 0, run.err
+    assert run.err.strip() == "", "a clean batch must print nothing on stderr"
+    table = run.out.splitlines()[1:]
+    files = [str(corpus / e.name) for e in GOOD]
+    assert len(table) == len(GOOD)
+    for line, path in zip(table, files):
+        probability, label, name = line.split(None, 2)
+        assert name == path and 0 <= float(probability) <= 1 and label in ("Negative", "Positive")
+
+
+def test_predict_missing_model_is_one_line_exit_2(runs):
+    run = command(runs, "predict-no-model")
+    assert_no_traceback(run)
+    assert run.code == 2 and len(run.err.strip().splitlines()) == 1, run.err
+
+
+# ----------------------------------------------------------------------------------------------------
+# train and evaluate: the corpus mixed into a labelled dataset
+
+
+def test_train_completes_over_the_corpus(runs):
+    run = command(runs, "train")
+    run_dir = runs[1] / "runs" / "h"
+    assert_no_traceback(run)
+    assert run.code in (0, 1), run.err
     assert (run_dir / "model.safetensors").is_file()
     with open(run_dir / "history.csv", newline="") as handle:
         assert [r["phase"] for r in csv.DictReader(handle)] == ["head", "finetune"]
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=ids(ENTRIES))
-def test_train_skips_exactly_the_broken_files(train_run, entry, enforced):
+def test_train_skips_exactly_the_broken_files(runs, entry, enforced):
     skip_if_readable(entry, enforced)
-    _, run_dir = train_run
+    command(runs, "train")
+    run_dir = runs[1] / "runs" / "h"
     rel = f"Positive/{entry.name}"
     with open(run_dir / "skipped.csv", newline="", encoding="utf-8") as handle:
         skipped = {r["file"]: r["reason"] for r in csv.DictReader(handle)}
@@ -251,97 +292,69 @@ def test_train_skips_exactly_the_broken_files(train_run, entry, enforced):
         assert "\n" not in skipped[rel]
 
 
-@pytest.fixture(scope="module")
-def evaluate_run(hostile_dataset, prefix, tiny_model_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("hostile-eval")
-    done = cli(prefix, "evaluate", str(tiny_model_path), str(hostile_dataset), "--out", str(out), "--quiet",
-               "--backend", "torch")
-    return done, out
-
-
-def test_evaluate_reports_and_scores_the_rest(evaluate_run, enforced):
-    done, out = evaluate_run
-    assert_no_traceback(done)
-    assert done.returncode == 1, done.stderr
-    metrics = json.loads((out / "metrics.json").read_text())
+def test_evaluate_reports_and_scores_the_rest(runs, enforced):
+    run = command(runs, "evaluate")
+    assert_no_traceback(run)
+    assert run.code == 1, run.err
+    metrics = json.loads((runs[1] / "eval" / "metrics.json").read_text())
     assert metrics["n"] == 40 + len(GOOD) + (0 if enforced else 1)
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=ids(ENTRIES))
-def test_evaluate_each_corpus_file(evaluate_run, entry, enforced):
+def test_evaluate_each_corpus_file(runs, entry, enforced):
     skip_if_readable(entry, enforced)
-    done, _ = evaluate_run
-    said = lines_naming(done.stderr, f"Positive/{entry.name}:")
+    run = command(runs, "evaluate")
+    said = lines_naming(run.err, f"Positive/{entry.name}:")
     if entry.ok:
         assert not said
     else:
-        assert len(said) == 1 and entry.reason in said[0].lower(), done.stderr
+        assert len(said) == 1 and entry.reason in said[0].lower(), run.err
 
 
 # ----------------------------------------------------------------------------------------------------
 # scan and explain
 
 
-@pytest.fixture(scope="module")
-def scan_run(corpus, prefix, tiny_model_path, tmp_path_factory):
-    if not has_module("crackscan.scan"):
-        pytest.skip("crackscan.scan is not written yet")
-    out = tmp_path_factory.mktemp("hostile-scan")
-    files = [str(corpus / e.name) for e in ENTRIES]
-    done = cli(prefix, "scan", str(tiny_model_path), *files, "--out", str(out), "--quiet")
-    return done, out
-
-
-def test_scan_exit_code_and_no_traceback(scan_run):
-    done, _ = scan_run
-    assert_no_traceback(done)
-    assert done.returncode == 1, done.stderr
+def test_scan_exit_code_and_no_traceback(runs):
+    run = command(runs, "scan")
+    assert_no_traceback(run)
+    assert run.code == 1, run.err
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=ids(ENTRIES))
-def test_scan_each_corpus_file(scan_run, corpus, entry, enforced):
+def test_scan_each_corpus_file(runs, corpus, entry, enforced):
     skip_if_readable(entry, enforced)
-    done, out = scan_run
-    said = [line for line in lines_naming(done.stderr, str(corpus / entry.name))]
+    run = command(runs, "scan")
+    said = lines_naming(run.err, str(corpus / entry.name))
     if entry.ok:
         assert not said, said
         stem = Path(entry.name).stem
-        assert any(stem in p.name for p in out.rglob("*") if p.is_file()), f"no scan output for {entry.name}"
+        assert any(stem in p.name for p in (runs[1] / "scan").rglob("*") if p.is_file()), f"no scan output for {entry.name}"
     else:
-        assert len(said) == 1 and entry.reason in said[0].lower(), done.stderr
+        assert len(said) == 1 and entry.reason in said[0].lower(), run.err
 
 
-@pytest.fixture(scope="module")
-def explain_run(corpus, prefix, tiny_model_path, tmp_path_factory):
-    if not has_module("crackscan.explain"):
-        pytest.skip("crackscan.explain is not written yet")
-    out = tmp_path_factory.mktemp("hostile-explain")
-    files = [str(corpus / e.name) for e in ENTRIES]
-    done = cli(prefix, "explain", str(tiny_model_path), *files, "--out", str(out))
-    return done, out
-
-
-def test_explain_exit_code_and_no_traceback(explain_run):
-    done, _ = explain_run
-    assert_no_traceback(done)
-    assert done.returncode == 1, done.stderr
+def test_explain_exit_code_and_no_traceback(runs):
+    run = command(runs, "explain")
+    assert_no_traceback(run)
+    assert run.code == 1, run.err
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=ids(ENTRIES))
-def test_explain_each_corpus_file(explain_run, corpus, entry, enforced):
+def test_explain_each_corpus_file(runs, corpus, entry, enforced):
     skip_if_readable(entry, enforced)
-    done, out = explain_run
+    run = command(runs, "explain")
     path = str(corpus / entry.name)
-    said = lines_naming(done.stderr, path)
+    said = lines_naming(run.err, path)
     if entry.ok:
         assert not said, said
-        lines = [line for line in lines_naming(done.stdout, path) if "->" in line]
-        assert len(lines) == 1, done.stdout
+        lines = [line for line in lines_naming(run.out, path) if "->" in line]
+        assert len(lines) == 1, run.out
         overlay = Path(lines[0].rsplit("->", 1)[1].strip())
         with Image.open(overlay) as image:
             assert image.size[0] > 0
     else:
-        assert len(said) == 1 and entry.reason in said[0].lower(), done.stderr
+        assert len(said) == 1 and entry.reason in said[0].lower(), run.err
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -356,22 +369,26 @@ def client(tiny_model_path):
 
     from crackscan.serve import create_app
 
-    with TestClient(create_app(str(tiny_model_path)), raise_server_exceptions=False) as c:
+    # PyTorch backend: the service's handling of bad uploads must not depend on the ONNX export.
+    app = create_app(str(tiny_model_path), backend="torch")
+    with TestClient(app, raise_server_exceptions=False) as c:
         yield c
 
 
 UPLOADS = [e for e in ENTRIES if e.has_bytes]
 
 
+@pytest.mark.parametrize("route, field", [("/predict", "file"), ("/scan", "photo")])
 @pytest.mark.parametrize("entry", UPLOADS, ids=ids(UPLOADS))
-def test_service_answers_every_upload(client, corpus, entry):
+def test_service_answers_every_upload(client, corpus, entry, route, field):
     data = (corpus / entry.name).read_bytes()
-    response = client.post("/predict", files={"file": (entry.name, data, "application/octet-stream")})
+    response = client.post(route, files={field: (entry.name, data, "application/octet-stream")})
     if entry.ok:
         assert response.status_code == 200, response.text
-        body = response.json()
-        assert 0.0 <= body["crack_probability"] <= 1.0
+        if route == "/predict":
+            assert 0.0 <= response.json()["crack_probability"] <= 1.0
     else:
         assert 400 <= response.status_code < 500, (response.status_code, response.text)
-        text = response.text.lower()
-        assert entry.reason in text or "image" in text, response.text
+        detail = response.json()["detail"]
+        assert isinstance(detail, str) and "\n" not in detail, detail
+        assert entry.name in detail and entry.reason in detail.lower(), detail

@@ -1,7 +1,7 @@
 """Interrupted training, for real: SIGKILL and Ctrl-C (SIGINT) to a training process, then --resume.
 
-One run is taken through the whole story: killed with SIGKILL during its third epoch, resumed and
-stopped with SIGINT during its fourth, resumed again to the end. While it runs, the checkpoint is read
+One run is taken through the whole story: killed with SIGKILL during its fourth epoch, resumed and
+stopped with SIGINT during its fifth (the last), resumed again to the end. While it runs, the checkpoint is read
 over and over: it must always be a complete safetensors file, never a half-written one.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import struct
 import subprocess
@@ -40,7 +41,10 @@ def train_args() -> list[str]:
 
 def start(*args: str) -> subprocess.Popen:
     command = [sys.executable, "-W", "ignore", "-m", "crackscan.cli", "train", *args]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # One thread: on a shared machine, OpenMP threads of several processes spinning on two cores make
+    # small-batch epochs tens of times slower and their length unpredictable.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
@@ -108,10 +112,10 @@ class Watch:
             assert proc.poll() is None, f"training ended before epoch {after_epochs}: {proc.stderr.read()[-2000:]}"
             assert time.monotonic() < deadline, "no checkpoint in time"
             time.sleep(0.01)
-        # Land inside the next epoch: a little after its checkpoint, well before it can end. The first
-        # epoch of a process is the slowest (allocations, kernel set-up), so cap the wait.
-        seconds = float(read_history(self.run_dir)[-1]["seconds"])
-        until = time.monotonic() + min(0.3, max(0.1, 0.3 * seconds))
+        # Land inside the next epoch, well before it can end: wait a third of the quickest epoch so far
+        # (the first epoch of a process is the slowest: allocations and kernel set-up).
+        quickest = min(float(r["seconds"]) for r in read_history(self.run_dir))
+        until = time.monotonic() + min(0.3, max(0.02, quickest / 3))
         while time.monotonic() < until:
             saved = self.poll()
             time.sleep(0.01)
@@ -127,7 +131,7 @@ def dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def story(dataset, tmp_path_factory):
-    """Start, SIGKILL in epoch 3, resume, SIGINT in epoch 4, resume to the end. Records every step."""
+    """Start, SIGKILL in epoch 4, resume, SIGINT in epoch 5, resume to the end. Records every step."""
     out = tmp_path_factory.mktemp("resume-runs")
     run_dir = out / "r"
     watch = Watch(run_dir)
@@ -135,7 +139,7 @@ def story(dataset, tmp_path_factory):
 
     proc = start(str(dataset), "--out", str(out), "--name", "r", *train_args())
     try:
-        steps["seen_before_kill"] = watch.interrupt(proc, after_epochs=2, sig=signal.SIGKILL)
+        steps["seen_before_kill"] = watch.interrupt(proc, after_epochs=3, sig=signal.SIGKILL)
         code, _, err = finish(proc)
     finally:
         proc.kill()
