@@ -191,8 +191,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as err:
         _err(str(err))
         return EXIT_INTERRUPTED
+    for line in result.skipped:
+        print(f"skipped: {line}", file=sys.stderr)
     print(result.run_dir)
-    return EXIT_OK
+    return EXIT_SOME_FAILED if result.skipped else EXIT_OK
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -111,6 +111,7 @@ class TrainResult:
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
     interrupted: bool = False
+    skipped: list[str] = field(default_factory=list)  # "file: reason" for each file not used
 
 
 class TrainingInterrupted(Exception):
@@ -575,7 +576,8 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         )
     say(f"done in {time.perf_counter() - started:.0f}s. model: {model_path}")
     say(f"curves: {run_dir / 'curves.png'}  |  tensorboard --logdir {run_dir / 'tensorboard'}")
-    return TrainResult(run_dir=run_dir, model_path=model_path, metrics=metrics, history=trainer.history)
+    return TrainResult(run_dir=run_dir, model_path=model_path, metrics=metrics, history=trainer.history,
+                       skipped=[f"{p.file}: {p.reason}" for p in dataset.problems])
 
 
 def _describe_architecture(model: nn.Module, config: TrainConfig, run_dir: Path, writer) -> None:
