@@ -434,3 +434,17 @@ def test_real_server_refuses_oversize_before_and_while_reading(tiny_model_path):
         assert status == 413 and b"upload too large" in answer
         assert app.state.internal_errors == 0
         assert httpx.get(url + "/health").json()["admitted"] == 0
+
+
+def test_a_stalled_upload_is_answered_408_and_frees_its_slot(tiny_model_path, patch_bytes):
+    app = create_app(str(tiny_model_path), max_concurrency=1, max_queue=0, read_timeout=0.5)
+    kind, body = multipart("file", "slow.jpg", patch_bytes)
+    with live_server(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        slow = raw_request(port, head("/predict", kind, len(body)), body[:200])
+        status, _, answer = read_response(slow)  # nothing more is sent
+        slow.close()
+        assert status == 408 and b"upload stalled" in answer
+        wait_for(url, "admitted", 0)
+        assert httpx.post(url + "/predict", files={"file": ("a.jpg", patch_bytes, "image/jpeg")}).status_code == 200
+        assert app.state.internal_errors == 0

@@ -12,6 +12,9 @@ Load. The model is loaded once, in the lifespan. Decoding and inference run on w
 at most ``max_concurrency + max_queue`` are admitted at once and the next one is answered 503 with a
 ``Retry-After`` header straight away, so an overload never piles up bodies or threads.
 
+Slow clients. A client that pauses for ``read_timeout`` seconds while sending its body is answered
+408, which frees its admission slot.
+
 Hostile input. Uploads are bytes in memory: no client value is ever used as a path (the filename is
 only echoed, sanitised). The body limit is checked on ``Content-Length`` before anything is read *and*
 counted while reading (a chunked or lying client gets 413 as soon as it passes the limit). Undecodable
@@ -125,13 +128,21 @@ class WorkGate:
                 self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * (time.perf_counter() - started)
 
 
-class UploadGuard:
-    """ASGI middleware: the body size limit for every request, admission for the work endpoints."""
+class UploadStalled(HTTPException):
+    """The client stopped sending its body: it must not hold an admission slot for ever."""
 
-    def __init__(self, app: ASGIApp, *, gate: WorkGate, max_body: int):
+    def __init__(self, seconds: float):
+        super().__init__(408, f"upload stalled: nothing received for {seconds:g} s")
+
+
+class UploadGuard:
+    """ASGI middleware: the body size limit and read timeout for every request, admission for the work endpoints."""
+
+    def __init__(self, app: ASGIApp, *, gate: WorkGate, max_body: int, read_timeout: float):
         self.app = app
         self.gate = gate
         self.max_body = max_body
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -143,14 +154,22 @@ class UploadGuard:
                                                      f"the limit is {_megabytes(self.max_body)}")
             return
         received = 0
+        body_done = False
 
         async def counted_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # later calls wait for a disconnect, for as long as the response takes
+                return await receive()
+            try:
+                with anyio.fail_after(self.read_timeout):
+                    message = await receive()
+            except TimeoutError:
+                raise UploadStalled(self.read_timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
                     raise UploadTooLarge(self.max_body)
+                body_done = not message.get("more_body", False)
             return message
 
         work = scope["method"] == "POST" and scope["path"] in WORK_PATHS
@@ -160,7 +179,7 @@ class UploadGuard:
             return
         try:
             await self.app(scope, counted_receive, send)
-        except UploadTooLarge as err:
+        except (UploadTooLarge, UploadStalled) as err:
             # Only reached when no route turned it into a response (e.g. a body sent to a 404 path).
             await _answer(scope, receive, send, err.status_code, str(err.detail))
         finally:
@@ -305,6 +324,7 @@ def create_app(
     max_concurrency: int = 2,
     max_queue: int = 16,
     backend: str = "torch",
+    read_timeout: float = 60.0,
 ) -> "FastAPI":
     """The crackscan web service.
 
@@ -315,12 +335,14 @@ def create_app(
         max_queue: Admitted requests allowed to wait for a worker; beyond that, 503 with Retry-After.
         backend: Inference backend for /predict (``"torch"``, ``"onnx"`` or ``"auto"``, see
             :func:`crackscan.model.resolve_backend`); /scan always uses PyTorch's dense pass.
+        read_timeout: Seconds a client may pause while sending its body before it is answered 408
+            (a stalled upload would otherwise hold its admission slot).
 
     Returns:
         A FastAPI application; use it with ``TestClient(app)`` as a context manager, or with uvicorn.
     """
-    if max_concurrency < 1 or max_queue < 0 or max_upload_bytes < 1:
-        raise ValueError("max_concurrency must be >= 1, max_queue >= 0 and max_upload_bytes >= 1")
+    if max_concurrency < 1 or max_queue < 0 or max_upload_bytes < 1 or read_timeout <= 0:
+        raise ValueError("max_concurrency must be >= 1, max_queue >= 0, max_upload_bytes >= 1, read_timeout > 0")
     gate = WorkGate(workers=max_concurrency, waiting=max_queue)
 
     @asynccontextmanager
@@ -342,7 +364,7 @@ def create_app(
     )
     app.state.gate = gate
     app.state.internal_errors = 0
-    app.add_middleware(UploadGuard, gate=gate, max_body=max_upload_bytes)
+    app.add_middleware(UploadGuard, gate=gate, max_body=max_upload_bytes, read_timeout=read_timeout)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -413,6 +435,7 @@ def create_app(
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "empty, truncated or damaged image"},
     413: {"description": "upload over the size limit, or an image with too many pixels"},
+    408: {"description": "the client stopped sending its upload for read_timeout seconds"},
     415: {"description": "not an image"},
     422: {"description": "missing file field or bad form values"},
     503: {"description": "busy: too many requests waiting (see Retry-After)"},
