@@ -37,7 +37,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 import anyio
 import numpy as np
@@ -180,7 +180,7 @@ class UploadGuard:
         try:
             await self.app(scope, counted_receive, send)
         except (UploadTooLarge, UploadStalled) as err:
-            # Only reached when no route turned it into a response (e.g. a body sent to a 404 path).
+            # A safety net: FastAPI routes answer these HTTPExceptions themselves.
             await _answer(scope, receive, send, err.status_code, str(err.detail))
         finally:
             if work:
@@ -325,7 +325,7 @@ def create_app(
     max_queue: int = 16,
     backend: str = "torch",
     read_timeout: float = 60.0,
-) -> "FastAPI":
+) -> FastAPI:
     """The crackscan web service.
 
     Args:
