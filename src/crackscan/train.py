@@ -476,6 +476,8 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         run_dir = Path(resume)
         if not (run_dir / CHECKPOINT).is_file():
             raise FileNotFoundError(f"{run_dir}: no {CHECKPOINT} to resume from (did the first epoch finish?)")
+        if (run_dir / MODEL).is_file():
+            raise ValueError(f"{run_dir}: this run already finished ({MODEL} is there); nothing to resume")
         quiet = config.quiet
         config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
         config.quiet = quiet
