@@ -239,6 +239,13 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and "checkpoint" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_resuming_a_finished_run_is_a_clear_error(story, capsys):
+    run_dir, _ = story
+    code = main(["train", "--resume", str(run_dir), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "already finished" in err and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_one(story, dataset, tmp_path):
     run_dir, _ = story
