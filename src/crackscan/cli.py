@@ -251,7 +251,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             writer.writerows(rows)
             text = buffer.getvalue()
         if args.output:
-            Path(args.output).write_text(text, encoding="utf-8")
+            # surrogateescape: a file name that is not valid UTF-8 is written back as its original bytes,
+            # as on standard output, instead of failing the whole batch at the end.
+            Path(args.output).write_text(text, encoding="utf-8", errors="surrogateescape")
         else:
             sys.stdout.write(text)
     if failures:

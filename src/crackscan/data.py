@@ -116,7 +116,10 @@ def list_files(root: Path, classes: Sequence[str]) -> tuple[list[tuple[Path, int
 
 
 def _rel(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
+    # A name that is not valid UTF-8 (e.g. Latin-1 bytes from an old camera or share) becomes printable
+    # text such as "b\\xe9ton.jpg", so every CSV, JSON and plot can hold it; the file is read by its path.
+    text = path.relative_to(root).as_posix()
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _check_one(path: Path, root: Path, size: int) -> tuple[np.ndarray | None, str, str | None]:
@@ -245,7 +248,7 @@ def _run_group(sample: Sample, classes: Sequence[str], run_length: int) -> str:
     match = _NUMBER.search(sample.path.stem)
     cls = classes[sample.label]
     if match is None:
-        return f"{cls}/file:{sample.path.stem}"  # an unnumbered file is its own group
+        return f"{cls}/file:{Path(sample.rel).stem}"  # its own group, under its printable name (see _rel)
     return f"{cls}/run{int(match.group(1)) // run_length}"
 
 
