@@ -45,7 +45,8 @@ def run_one(args: list[str]) -> dict:
         texts = []
         for handle in (out, err):
             handle.seek(0)
-            texts.append(handle.read().decode("utf-8", errors="replace"))
+            # surrogateescape keeps non-UTF-8 file names as Python spells them in paths
+            texts.append(handle.read().decode("utf-8", errors="surrogateescape"))
     return {"code": code, "out": texts[0], "err": texts[1], "seconds": round(time.perf_counter() - started, 2)}
 
 

@@ -27,6 +27,9 @@ MID_GREY_16 = 0x8080
 #: Stored size of the EXIF-rotated JPEG; orientation 6 means a viewer shows it 24 wide, 40 high.
 EXIF_STORED_SIZE = (40, 24)
 BOMB_SIDE = 60000
+#: A file name that is not valid UTF-8 (Latin-1 "é"), as old cameras and network shares produce. Only
+#: Linux file systems accept such names; elsewhere the entry is left out.
+LATIN1_NAME = os.fsdecode(b"latin1-b\xe9ton.jpg") if sys.platform.startswith("linux") else None
 
 
 @dataclass(frozen=True)
@@ -130,13 +133,18 @@ def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     return buffer.getvalue()
 
 
+def printable(name: str) -> str:
+    """How crackscan's reports spell a file name that may not be valid UTF-8 (see crackscan.data)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def good_files() -> dict[str, tuple[str, bytes]]:
     """Decodable oddities: name -> (what, bytes). Every one must be predicted, none reported."""
     rgb = _noise((48, 48), 3)
     alpha = np.dstack([rgb, np.linspace(0, 255, 48 * 48).reshape(48, 48).astype(np.uint8)])
     gray16 = np.full((32, 32), MID_GREY_16, dtype=np.uint16)
     rgb16_rows = b"".join(b"\x00" + struct.pack(">H", MID_GREY_16) * 3 * 16 for _ in range(16))
-    return {
+    files = {
         "plain.jpg": ("an ordinary RGB JPEG", _jpeg(Image.fromarray(rgb))),
         "alpha.png": ("PNG with an alpha channel", _encode(Image.fromarray(alpha, "RGBA"), "PNG")),
         "gray16.png": ("16-bit grayscale PNG", _encode(Image.fromarray(gray16), "PNG")),
@@ -154,6 +162,9 @@ def good_files() -> dict[str, tuple[str, bytes]]:
         "crack photo 2 (copy).jpg": ("spaces and brackets in the name", _jpeg(Image.fromarray(_noise((40, 40), 6)))),
         "fissure béton ü 写真.jpg": ("non-ASCII name", _jpeg(Image.fromarray(_noise((40, 40), 7)))),
     }
+    if LATIN1_NAME:
+        files[LATIN1_NAME] = ("a name that is not valid UTF-8", _jpeg(Image.fromarray(_noise((40, 40), 12))))
+    return files
 
 
 def bad_files() -> dict[str, tuple[str, str, bytes]]:
