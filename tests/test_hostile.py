@@ -28,11 +28,9 @@ from corpus import (
     build_corpus,
     corpus_entries,
     drop_privileges_prefix,
-    good_files,
     permission_is_enforced,
     printable,
 )
-from crackscan.cli import main
 from crackscan.images import ImageError, load_image, load_patch
 
 ENTRIES = corpus_entries()
@@ -51,10 +49,7 @@ def prefix() -> list[str]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    return _corpus_at(tmp_path_factory.mktemp("hostile") / "corpus")
-
-
-def _corpus_at(folder: Path) -> Path:
+    folder = tmp_path_factory.mktemp("hostile") / "corpus"
     build_corpus(folder)
     return folder
 
@@ -86,7 +81,7 @@ class Run:
 def run_batch(prefix: list[str], jobs: dict[str, list[str]], folder: Path, timeout: float = 400) -> dict[str, Run]:
     """Run command lines through ``crackscan.cli.main`` in one fresh process (see tests/cli_batch.py)."""
     (folder / "jobs.json").write_text(json.dumps(jobs), encoding="utf-8")
-    command = [*prefix, sys.executable, "-W", "default", str(Path(__file__).with_name("cli_batch.py")),
+    command = [*prefix, sys.executable, str(Path(__file__).with_name("cli_batch.py")),
                str(folder / "jobs.json"), str(folder / "results.json")]
     # One thread: several processes' OpenMP threads spinning on a shared machine's cores slow each other
     # down many times over; the behaviour under test does not depend on the thread count.
@@ -150,7 +145,7 @@ def test_every_oddity_decodes_to_a_patch(corpus, entry):
 
 
 @pytest.mark.parametrize("entry", BAD, ids=ids(BAD))
-def test_every_broken_file_raises_image_error(corpus, entry, enforced):
+def test_every_broken_file_raises_image_error(corpus, entry):
     if entry.name == "unreadable.jpg" and os.access(corpus / entry.name, os.R_OK):
         pytest.skip("this test process can read mode-000 files (root); the CLI tests cover it without the capability")
     with pytest.raises(ImageError) as caught:
