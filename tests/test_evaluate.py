@@ -62,3 +62,25 @@ def test_threshold_reaches_the_target_recall(target):
 def test_threshold_needs_positives():
     with pytest.raises(ValueError, match="no crack images"):
         threshold_for_recall(np.zeros(5), np.linspace(0, 1, 5), 0.9)
+
+
+def test_vectorised_bootstrap_matches_a_plain_resampling_loop():
+    from sklearn.metrics import f1_score
+
+    from crackscan.evaluate import bootstrap_ci
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 120)
+    prob = np.round(np.clip(y * 0.3 + rng.uniform(0, 0.7, 120), 0, 1), 2)  # rounded: ties on purpose
+    pred = (prob >= 0.5).astype(int)
+    groups = [f"g{i // 6:02d}" for i in range(120)]  # names sort in index order, as the draw below assumes
+    fast = bootstrap_ci(y, prob, pred, groups, n=400, seed=1)
+    # The same resamples, drawn one by one and scored with scikit-learn.
+    draw = np.random.default_rng(1).multinomial(20, np.full(20, 1 / 20), size=400)
+    f1s, aucs = [], []
+    for counts in draw:
+        pick = np.concatenate([np.repeat(np.arange(g * 6, g * 6 + 6)[None], c, 0).ravel() for g, c in enumerate(counts)])
+        f1s.append(f1_score(y[pick], pred[pick], zero_division=0))
+        aucs.append(roc_auc_score(y[pick], prob[pick]))
+    assert fast["f1_ci"] == pytest.approx(tuple(np.percentile(f1s, [2.5, 97.5])), abs=1e-9)
+    assert fast["roc_auc_ci"] == pytest.approx(tuple(np.percentile(aucs, [2.5, 97.5])), abs=1e-9)

@@ -110,7 +110,8 @@ def load_pretrained_base(model: nn.Module, weights: str | os.PathLike | None) ->
     try:
         model.features.load_state_dict(features, strict=True)
     except RuntimeError as err:
-        raise ModelError(f"{weights}: does not fit MobileNetV2: {str(err).splitlines()[1:2]}") from None
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise ModelError(f"{weights}: does not fit MobileNetV2: {detail}") from None
     return source
 
 

@@ -790,7 +790,8 @@ def scan_paths(
         errors.append(message)
         rows.append({"file": str(path), "verdict": "error", "flagged_fraction": "", "n_regions": "",
                      "max_probability": "", "seconds": "", "error": message})
-    with open(out_dir / "summary.csv", "w", newline="", encoding="utf-8") as handle:
+    # surrogateescape: a file name that is not valid UTF-8 is written escaped rather than ending the batch.
+    with open(out_dir / "summary.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS)
         writer.writeheader()
         writer.writerows(rows)

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -482,6 +483,9 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
         config.quiet = quiet
         checkpoint = read_checkpoint(run_dir / CHECKPOINT)
+        # A kill during a save leaves the temporary file of the atomic write behind; it was never used.
+        for stale in run_dir.glob(".*.safetensors.*.tmp"):
+            stale.unlink(missing_ok=True)
     else:
         run_dir = new_run_dir(config.out, config.name)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -605,6 +609,8 @@ def _describe_architecture(model: nn.Module, config: TrainConfig, run_dir: Path,
     plots.architecture_diagram(model, config.input_size, config.unfreeze_from, run_dir / "architecture.png")
     model.eval()
     try:
-        writer.add_graph(model, torch.zeros(1, 3, config.input_size, config.input_size))
+        with warnings.catch_warnings():  # torch.jit.trace's deprecation notice is not the user's concern
+            warnings.simplefilter("ignore", FutureWarning)
+            writer.add_graph(model, torch.zeros(1, 3, config.input_size, config.input_size))
     except Exception as err:  # the graph is a nicety; tracing quirks must not end a run
         print(f"warning: TensorBoard graph not written ({type(err).__name__})")
