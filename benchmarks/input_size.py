@@ -1,4 +1,4 @@
-"""Accuracy against input size: why crackscan trains at 128 px by default.
+"""Accuracy against input size (and BatchNorm handling): how crackscan's defaults were chosen.
 
 Trains `crackscan train` (defaults otherwise) at each size on the same block-held-out split of
 ../shared/data/mendeley-dev and reports validation and test accuracy, training wall time and
@@ -42,19 +42,26 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
     parser.add_argument("--quick", action="store_true", help="1+1 epochs, 1 view: a smoke run")
+    parser.add_argument("--batchnorm-size", type=int, default=128,
+                        help="also train at this size with --batchnorm train, to compare with frozen BN (0: skip)")
     args = parser.parse_args()
     if not args.data.is_dir():
         sys.exit(f"needs {args.data}")
     extra = ["--head-epochs", "1", "--finetune-epochs", "1", "--views", "1"] if args.quick else []
     files = sorted(args.data.glob("*/*.jpg"))[:: 4 if not args.quick else 40][:4000]
     rows = []
-    for size in args.sizes:
+    runs = [(size, "frozen") for size in args.sizes]
+    if args.batchnorm_size:
+        runs.append((args.batchnorm_size, "train"))
+    for size, batchnorm in runs:
         with tempfile.TemporaryDirectory() as tmp:
-            print(f"training at {size} px ...", flush=True)
-            result = run_crackscan(args.data, args.weights, Path(tmp), ["--input-size", str(size), *extra])
+            print(f"training at {size} px, BatchNorm {batchnorm} ...", flush=True)
+            result = run_crackscan(args.data, args.weights, Path(tmp),
+                                   ["--input-size", str(size), "--batchnorm", batchnorm, *extra])
             test = result["meta"]["metrics"]["test"]
             rows.append({
                 "input_size": size,
+                "batchnorm": batchnorm,
                 "best_val_acc": round(max(float(r["val_acc"]) for r in result["history"]), 4),
                 "test_acc": round(test["accuracy"], 4),
                 "test_acc_ci": [round(v, 4) for v in test["accuracy_ci"]],
@@ -63,7 +70,7 @@ def main() -> None:
                 "predict_img_per_s": round(predict_rate(Path(result["run"]) / "model.safetensors", files)),
             })
             print(rows[-1], flush=True)
-    print_table(rows, ["input_size", "best_val_acc", "test_acc", "test_acc_ci", "test_recall", "train_wall_s",
+    print_table(rows, ["input_size", "batchnorm", "best_val_acc", "test_acc", "test_acc_ci", "test_recall", "train_wall_s",
                        "predict_img_per_s"])
     write_results("input_size" + ("_quick" if args.quick else ""), rows, {"quick": args.quick})
 
