@@ -65,29 +65,29 @@ def mobilenet_flops(size: int) -> float:
     return float(counter.get_total_flops())
 
 
+def _gops(run, n: int, seconds: float) -> float:
+    """Giga-operations per second of an n x n x n matrix product ``run()``, after a warm-up call."""
+    run()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        run()
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
 def gemm_gflops(quick: bool) -> dict[str, float]:
     """Measured fp32 GEMM (torch and numpy) and int8 GEMM (ONNX Runtime MatMulInteger) GFLOP/s."""
     import numpy as np
     import torch
 
-    n = 1024 if quick else 2048
-    out = {}
+    n, seconds = (1024, 1.0) if quick else (2048, 3.0)
     a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        torch.mm(a, b)
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < (1 if quick else 3):
-        torch.mm(a, b)
-        reps += 1
-    out["fp32_torch_gflops"] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
     an, bn = a.numpy(), b.numpy()
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < (1 if quick else 3):
-        an @ bn
-        reps += 1
-    out["fp32_numpy_gflops"] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    out = {
+        "fp32_torch_gflops": _gops(lambda: torch.mm(a, b), n, seconds),
+        "fp32_numpy_gflops": _gops(lambda: an @ bn, n, seconds),
+    }
     try:
-        import onnx
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
@@ -103,13 +103,7 @@ def gemm_gflops(quick: bool) -> dict[str, float]:
         session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         feed = {"A": np.random.randint(0, 255, (n, n), dtype=np.uint8),
                 "B": np.random.randint(-127, 127, (n, n), dtype=np.int8)}
-        session.run(None, feed)
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < (1 if quick else 3):
-            session.run(None, feed)
-            reps += 1
-        out["int8_onnxruntime_gops"] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
-        del onnx
+        out["int8_onnxruntime_gops"] = _gops(lambda: session.run(None, feed), n, seconds)
     except Exception as err:  # int8 GEMM is a nicety of the report
         out["int8_error"] = f"{type(err).__name__}: {err}"
     return out

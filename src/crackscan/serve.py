@@ -323,7 +323,7 @@ def create_app(
     max_upload_bytes: int = 30 * 1024 * 1024,
     max_concurrency: int = 2,
     max_queue: int = 16,
-    backend: str = "torch",
+    backend: str = "auto",
     read_timeout: float = 60.0,
 ) -> FastAPI:
     """The crackscan web service.
