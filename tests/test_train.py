@@ -102,7 +102,7 @@ def test_offline_without_weights_file_is_a_clear_error(tiny_dataset, tmp_path, c
     # Point torch's cache at an empty folder: the real download path runs and fails on this offline machine.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # also fails fast where a network exists
-    code = main(["train", str(tiny_dataset), "--out", str(tmp_path), "--quiet", "--input-size", "64"])
+    code = main(["train", str(tiny_dataset), "--out", str(tmp_path), "--quiet", "--input-size", "64", "--run-length", "5"])
     assert code == 2
     err = capsys.readouterr().err
     assert "--weights FILE" in err and "Traceback" not in err

@@ -154,22 +154,21 @@ def run_lower(lower: nn.Module, pixels: np.ndarray, mean, std, batch_size: int, 
     return torch.cat(chunks)
 
 
-def augmented_views(pixels: np.ndarray, preset: TrainPreset, views: int, seed: int) -> list[np.ndarray]:
-    """``views`` augmented copies of every image, each reproducible from (seed, view, index)."""
+def augmented_view(pixels: np.ndarray, preset: TrainPreset, view: int, seed: int) -> np.ndarray:
+    """One augmented copy of every image; image i of view v is reproducible from (seed, v, i)."""
 
-    def one(job: tuple[int, int]) -> None:
-        v, i = job
-        g = torch.Generator().manual_seed(seed * 1_000_003 + v * 100_003 + i)
-        out[v][i] = preset(torch.from_numpy(pixels[i]).permute(2, 0, 1), g).permute(1, 2, 0).numpy()
+    def one(i: int) -> None:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + view * 100_003 + i)
+        out[i] = preset(torch.from_numpy(pixels[i]).permute(2, 0, 1), g).permute(1, 2, 0).numpy()
 
-    out = [np.empty_like(pixels) for _ in range(views)]
+    out = np.empty_like(pixels)
     threads = torch.get_num_threads()
     # Per-image ops are tiny: intra-op threads only add hand-off cost (10-100x slower on a busy
     # machine), so each worker thread runs single-threaded torch and the images go in parallel.
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(max_workers=cpu_count()) as pool:
-            list(pool.map(one, ((v, i) for v in range(views) for i in range(len(pixels))), chunksize=256))
+            list(pool.map(one, range(len(pixels))))
     finally:
         torch.set_num_threads(threads)
     return out
@@ -280,14 +279,19 @@ class Trainer:
         augmenting = c.augment != Augment.none()
         n_views = max(1, c.views if augmenting else 1)
         t0 = time.perf_counter()
-        views = augmented_views(ds.pixels[train_idx], preset, n_views, c.seed) if augmenting else [ds.pixels[train_idx]]
         self.lower.eval()
-        self.train_cache = torch.stack(
-            [run_lower(self.lower, v, mean, std, 128, f"base view {i + 1}/{n_views}", c.quiet) for i, v in enumerate(views)]
-        )
+        caches = []
+        for v in range(n_views):
+            # One view at a time: only its activations are kept, not the augmented pixels.
+            view = augmented_view(ds.pixels[train_idx], preset, v, c.seed) if augmenting else ds.pixels[train_idx]
+            if v == 0:
+                self.sample_views = view[: min(16, len(view))].copy()
+            caches.append(run_lower(self.lower, view, mean, std, 128, f"base view {v + 1}/{n_views}", c.quiet))
+            del view
+        self.train_cache = torch.stack(caches)
+        del caches
         self.val_cache = run_lower(self.lower, ds.pixels[val_idx], mean, std, 128, "base val", c.quiet)
         self.cache_seconds = time.perf_counter() - t0
-        self.sample_views = views[0][: min(16, len(views[0]))]
 
     @torch.inference_mode()
     def _pooled(self, cache: torch.Tensor) -> torch.Tensor:
@@ -493,6 +497,11 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     say = (lambda *a: None) if config.quiet else (lambda *a: print(*a, flush=True))
     say(f"run folder: {run_dir}")
 
+    # Weights first: an offline machine learns it must pass --weights before minutes of decoding.
+    model = build_model(dropout=config.dropout)
+    weights_source = load_pretrained_base(model, config.weights)
+    model.to(memory_format=torch.channels_last)
+    say(f"pretrained base: {weights_source}")
     dataset = load_dataset(config.data, config.input_size, crack_class=config.crack_class, quiet=config.quiet)
     if checkpoint is not None:
         apply_split(dataset, read_split(run_dir / "split.csv"))
@@ -514,10 +523,6 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
 
         raise DataError("the split left no training or validation images; add data or change the fractions")
 
-    model = build_model(dropout=config.dropout)
-    weights_source = load_pretrained_base(model, config.weights)
-    model.to(memory_format=torch.channels_last)
-    say(f"pretrained base: {weights_source}")
 
     from torch.utils.tensorboard import SummaryWriter
 
