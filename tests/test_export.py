@@ -10,8 +10,9 @@ import pytest
 
 from conftest import make_dataset
 from crackscan.cli import main
-from crackscan.export import OnnxRunner, export_onnx
-from crackscan.model import load_model
+from crackscan.export import OnnxRunner, cache_dir, export_onnx
+from crackscan.images import load_patch
+from crackscan.model import ModelError, load_model
 
 
 @pytest.fixture(scope="module")
@@ -20,60 +21,140 @@ def patches(tmp_path_factory):
     return sorted(root.rglob("*.jpg"))
 
 
-def test_fp32_export_matches_pytorch_and_carries_metadata(tiny_model_path, patches, tmp_path):
-    model = load_model(tiny_model_path)
-    report = export_onnx(model, tmp_path / "m.onnx", parity=patches)
-    assert report.max_abs_logit_diff < 1e-3 and report.label_agreement == 1.0 and report.n_parity == len(patches)
-    proto = onnx.load(str(tmp_path / "m.onnx"))
+@pytest.fixture(scope="module")
+def model(tiny_model_path):
+    return load_model(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def fp32_export(model, patches, tmp_path_factory):
+    """One fp32 export shared by the tests that only read it."""
+    path = tmp_path_factory.mktemp("fp32") / "m.onnx"
+    return export_onnx(model, path, parity=patches), path
+
+
+def test_fp32_export_matches_pytorch(model, patches, fp32_export):
+    report, path = fp32_export
+    assert report.max_abs_logit_diff < 1e-3 and report.label_agreement == 1.0
+    assert report.n_parity == len(patches) and report.parity_images == "given" and not report.int8
+    assert report.size_bytes == path.stat().st_size and report.opset == 17
+    assert json.loads(json.dumps(report.to_dict()))["path"] == str(path)
+    # no temporary file left beside the output
+    assert [p.name for p in path.parent.iterdir()] == ["m.onnx"]
+    runner = OnnxRunner.from_file(path)
+    pixels = np.stack([load_patch(p, model.input_size) for p in patches])
+    ours, reference = runner.logits(pixels), model.logits(pixels)
+    assert ours.dtype == np.float32 and ours.shape == (len(patches), 2)
+    assert np.abs(ours - reference).max() < 1e-3
+    assert (ours.argmax(1) == reference.argmax(1)).all()
+    assert runner.logits(pixels[:1]).shape == (1, 2)  # dynamic batch axis
+    with pytest.raises(ValueError, match=f"N x {model.input_size} x {model.input_size} x 3"):
+        runner.logits(pixels[:, :32, :32])
+
+
+def test_exported_file_describes_itself(model, fp32_export):
+    _, path = fp32_export
+    proto = onnx.load(str(path))
     props = {p.key: p.value for p in proto.metadata_props}
-    assert json.loads(props["classes"]) == model.classes
+    assert json.loads(props["crackscan"]) == model.meta
+    assert json.loads(props["classes"]) == model.classes and int(props["crack_index"]) == model.crack_index
     assert int(props["input_size"]) == model.input_size and float(props["threshold"]) == model.threshold
     assert json.loads(props["mean"]) == list(model.mean) and json.loads(props["std"]) == list(model.std)
     assert proto.opset_import[0].version == 17
-    runner = OnnxRunner.from_file(tmp_path / "m.onnx")
-    assert runner.meta == model.meta
-    from crackscan.images import load_patch
-
-    pixels = np.stack([load_patch(p, model.input_size) for p in patches[:5]])
-    assert np.allclose(runner.logits(pixels), model.logits(pixels), atol=1e-3)
-    # dynamic batch axis: one image and many
-    assert runner.logits(pixels[:1]).shape == (1, 2)
+    inputs = proto.graph.input[0].type.tensor_type
+    assert inputs.elem_type == onnx.TensorProto.UINT8
+    assert inputs.shape.dim[0].dim_param and [d.dim_value for d in inputs.shape.dim[1:]] == [64, 64, 3]
+    assert OnnxRunner.from_file(path).meta == model.meta
 
 
-def test_int8_export_runs_and_reports_agreement(tiny_model_path, patches, tmp_path):
-    model = load_model(tiny_model_path)
+def test_int8_export_runs_and_reports_agreement(model, patches, tmp_path):
     report = export_onnx(model, tmp_path / "q.onnx", int8=True, calibration=patches[:16], parity=patches[16:])
-    assert report.int8 and 0.0 <= report.label_agreement <= 1.0
+    assert report.int8 and report.n_calibration == 16 and "per tensor" in report.quantization
+    assert 0.0 <= report.label_agreement <= 1.0 and report.n_parity == len(patches) - 16
     assert report.size_bytes == (tmp_path / "q.onnx").stat().st_size
-    assert report.size_bytes < 4_000_000  # int8 weights: under half of the ~8.9 MB fp32 graph
+    assert report.size_bytes < 4_000_000  # int8 weights: well under half of the ~8.9 MB fp32 graph
     proto = onnx.load(str(tmp_path / "q.onnx"))
     ops = {n.op_type for n in proto.graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
-    assert OnnxRunner.from_file(tmp_path / "q.onnx").meta["input_size"] == model.input_size
+    runner = OnnxRunner.from_file(tmp_path / "q.onnx")
+    assert runner.meta == model.meta
+    pixels = np.stack([load_patch(p, model.input_size) for p in patches[16:]])
+    logits = runner.logits(pixels)
+    assert np.isfinite(logits).all()
+    assert float(np.abs(logits - model.logits(pixels)).max()) == pytest.approx(report.max_abs_logit_diff, abs=1e-5)
     with pytest.raises(ValueError, match="calibration"):
         export_onnx(model, tmp_path / "x.onnx", int8=True)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_unreadable_images_are_skipped_and_reported(model, patches, tmp_path, capsys):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    report = export_onnx(model, tmp_path / "m.onnx", parity=[broken, *patches[:3]])
+    assert report.n_parity == 3 and len(report.skipped) == 1 and str(broken) in report.skipped[0]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(broken) in err
+    with pytest.raises(ValueError, match="no readable parity images"):
+        export_onnx(model, tmp_path / "n.onnx", parity=[broken])
+
+
+def test_from_file_refuses_what_is_not_a_crackscan_export(tmp_path):
+    with pytest.raises(ModelError, match="no such ONNX file"):
+        OnnxRunner.from_file(tmp_path / "missing.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"this is not protobuf")
+    with pytest.raises(ModelError, match="not a readable ONNX model") as err:
+        OnnxRunner.from_file(junk)
+    assert "\n" not in str(err.value) and str(junk) in str(err.value)
+    # a valid ONNX graph without crackscan metadata
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    plain = tmp_path / "plain.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(plain))
+    with pytest.raises(ModelError, match="not a crackscan ONNX export"):
+        OnnxRunner.from_file(plain)
 
 
 def test_onnx_backend_equals_torch_and_is_cached(tiny_model_path, patches, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     model = load_model(tiny_model_path)
-    from crackscan.images import load_patch
-
     pixels = np.stack([load_patch(p, model.input_size) for p in patches])
     onnx_p = model.crack_probability(pixels, backend="onnx")
     torch_p = model.crack_probability(pixels, backend="torch")
     assert np.allclose(onnx_p, torch_p, atol=1e-4)
-    cached = list((tmp_path / "cache" / "crackscan" / "onnx").glob("*.onnx"))
-    assert len(cached) == 1
-    stamp = cached[0].stat().st_mtime_ns
+    folder = cache_dir()
+    assert folder == tmp_path / "cache" / "crackscan" / "onnx"
+    cached = list(folder.iterdir())
+    assert len(cached) == 1 and cached[0].suffix == ".onnx"  # and no temporary file
+    inode = cached[0].stat().st_ino
     again = load_model(tiny_model_path)
     assert np.allclose(again.crack_probability(pixels, backend="onnx"), onnx_p, atol=1e-6)
-    assert cached[0].stat().st_mtime_ns == stamp  # reused, not rewritten
+    assert cached[0].stat().st_ino == inode  # reused, not rewritten (a rewrite renames a new file in)
+    assert OnnxRunner.from_model(again).path == str(cached[0])
+
+    # A damaged cache entry is rebuilt rather than trusted.
+    cached[0].write_bytes(b"truncated")
+    rebuilt = OnnxRunner.from_model(again)
+    assert np.allclose(rebuilt.logits(pixels), again.logits(pixels), atol=1e-3)
+    assert cached[0].stat().st_size > 1_000_000
+
+    # A cache folder that cannot be created still gives a working runner, from memory.
+    (tmp_path / "file").write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    in_memory = OnnxRunner.from_model(again)
+    assert in_memory.path == "" and np.allclose(in_memory.logits(pixels), rebuilt.logits(pixels), atol=1e-6)
 
 
-def test_export_cli(tiny_model_path, patches, tmp_path, capsys):
+def test_export_cli(tiny_model_path, tmp_path, capsys):
     code = main(["export", str(tiny_model_path), "--format", "onnx", "-o", str(tmp_path / "cli.onnx")])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["path"] == str(tmp_path / "cli.onnx") and report["max_abs_logit_diff"] < 1e-3
+    assert OnnxRunner.from_file(tmp_path / "cli.onnx").meta == load_model(tiny_model_path).meta
     assert main(["export", str(tiny_model_path), "--int8", "-o", str(tmp_path / "q.onnx")]) == 2
+    assert not (tmp_path / "q.onnx").exists()
