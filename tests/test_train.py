@@ -116,6 +116,6 @@ def test_cli_defaults_match_the_library_defaults():
     lib = TrainConfig(data="DATA")
     for name in ("input_size", "batch_size", "head_epochs", "finetune_epochs", "head_lr", "finetune_lr",
                  "unfreeze_from", "batchnorm", "views", "patience", "val_fraction", "test_fraction", "seed",
-                 "run_length", "weights"):
+                 "run_length", "weights", "hard_negatives"):
         assert getattr(args, name) == getattr(lib, name), name
     assert (args.crop_scale, args.jitter) == (lib.augment.crop_scale, lib.augment.jitter)

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batchnorm", choices=("frozen", "train"), default="frozen",
                    help="BatchNorm statistics of fine-tuned blocks: keep ImageNet's (frozen) or update them")
     t.add_argument("--views", type=_positive_int, default=2, help="augmented views cached per training image")
+    t.add_argument("--hard-negatives", type=float, default=0.0, metavar="FRACTION",
+                   help="add this fraction of the training negatives again with drawn cables, straight edges and "
+                        "joints, labelled no crack (default 0: off)")
     t.add_argument("--patience", type=_positive_int, default=2, help="early stopping patience in epochs")
     t.add_argument("--val-fraction", type=_fraction, default=0.15)
     t.add_argument("--test-fraction", type=_fraction, default=0.15)
@@ -182,7 +185,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         data=str(args.data), out=args.out, name=args.name, weights=args.weights, input_size=args.input_size,
         batch_size=args.batch_size, head_epochs=args.head_epochs, finetune_epochs=args.finetune_epochs,
         head_lr=args.head_lr, finetune_lr=args.finetune_lr, unfreeze_from=args.unfreeze_from,
-        batchnorm=args.batchnorm, views=args.views, patience=args.patience, val_fraction=args.val_fraction,
+        batchnorm=args.batchnorm, views=args.views, hard_negatives=args.hard_negatives, patience=args.patience, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, seed=args.seed, augment=augment, crack_class=args.crack_class,
         manifest=args.groups, run_length=args.run_length, target_recall=args.target_recall, quiet=args.quiet,
     )

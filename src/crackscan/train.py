@@ -55,7 +55,7 @@ from crackscan.model import (
     split_base,
 )
 from crackscan.runtime import cpu_count
-from crackscan.transforms import IMAGENET_MEAN, IMAGENET_STD, Augment, TrainPreset, normalize_batch
+from crackscan.transforms import IMAGENET_MEAN, IMAGENET_STD, Augment, TrainPreset, man_made_negative, normalize_batch
 
 CHECKPOINT = "checkpoint.safetensors"
 MODEL = "model.safetensors"
@@ -81,6 +81,7 @@ class TrainConfig:
     unfreeze_from: int = DEFAULT_UNFREEZE_FROM
     batchnorm: str = "frozen"  # "frozen": fine-tuned blocks keep ImageNet BN statistics; "train": update them
     views: int = 2  # augmented views cached per training image
+    hard_negatives: float = 0.0  # extra negatives with drawn cables/edges/joints, as a fraction of the negatives
     patience: int = 2  # epochs without a better validation loss before a phase stops early
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -263,6 +264,7 @@ class Trainer:
         self.lower, self.upper = split_base(model, config.unfreeze_from)
         self.history: list[dict[str, Any]] = []
         self.elapsed_offset = 0.0
+        self.n_hard_negatives = 0
         self.saved_epochs = 0  # epochs held by the checkpoint on disk
         self.best_val_loss = math.inf
         self.best_epoch = 0
@@ -273,7 +275,10 @@ class Trainer:
         c, ds = self.config, self.dataset
         mean, std = IMAGENET_MEAN, IMAGENET_STD
         train_idx, val_idx = ds.indices("train"), ds.indices("val")
-        self.y_train = torch.from_numpy(ds.labels(train_idx))
+        train_pixels, train_labels = ds.pixels[train_idx], ds.labels(train_idx)
+        if c.hard_negatives > 0:
+            train_pixels, train_labels = self._add_hard_negatives(train_pixels, train_labels)
+        self.y_train = torch.from_numpy(train_labels)
         self.y_val = torch.from_numpy(ds.labels(val_idx))
         preset = TrainPreset(c.input_size, c.augment)
         augmenting = c.augment != Augment.none()
@@ -283,7 +288,7 @@ class Trainer:
         caches = []
         for v in range(n_views):
             # One view at a time: only its activations are kept, not the augmented pixels.
-            view = augmented_view(ds.pixels[train_idx], preset, v, c.seed) if augmenting else ds.pixels[train_idx]
+            view = augmented_view(train_pixels, preset, v, c.seed) if augmenting else train_pixels
             if v == 0:
                 self.sample_views = view[: min(16, len(view))].copy()
             caches.append(run_lower(self.lower, view, mean, std, 128, f"base view {v + 1}/{n_views}", c.quiet))
@@ -292,6 +297,16 @@ class Trainer:
         del caches
         self.val_cache = run_lower(self.lower, ds.pixels[val_idx], mean, std, 128, "base val", c.quiet)
         self.cache_seconds = time.perf_counter() - t0
+
+    def _add_hard_negatives(self, pixels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Append drawn man-made-line copies of a fraction of the training negatives (labelled negative)."""
+        negative = 1 - self.dataset.crack_index
+        rng = np.random.default_rng(self.config.seed + 17)
+        pool = np.flatnonzero(labels == negative)
+        chosen = rng.choice(pool, size=min(len(pool), round(self.config.hard_negatives * len(pool))), replace=False)
+        extra = np.stack([man_made_negative(pixels[i], rng) for i in chosen]) if len(chosen) else pixels[:0]
+        self.n_hard_negatives = len(extra)
+        return np.concatenate([pixels, extra]), np.concatenate([labels, np.full(len(extra), negative)])
 
     @torch.inference_mode()
     def _pooled(self, cache: torch.Tensor) -> torch.Tensor:
@@ -529,7 +544,8 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     writer = SummaryWriter(str(run_dir / "tensorboard"))
     trainer = Trainer(config, run_dir, model, dataset, writer, started=started)
     trainer.build_caches()
-    say(f"cached base activations for {counts['train']} x {trainer.train_cache.shape[0]} views in {trainer.cache_seconds:.1f}s")
+    extra = f" (+{trainer.n_hard_negatives} drawn hard negatives)" if trainer.n_hard_negatives else ""
+    say(f"cached base activations for {counts['train']}{extra} x {trainer.train_cache.shape[0]} views in {trainer.cache_seconds:.1f}s")
     if checkpoint is None:
         plots.augmentation_grid(trainer.sample_views, run_dir / "augmentations.png")
         _describe_architecture(model, config, run_dir, writer)

@@ -98,3 +98,58 @@ class TrainPreset:
             out = F.adjust_contrast(out, factors[1])
             out = F.adjust_saturation(out, factors[2])
         return out
+
+
+def man_made_negative(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A crack-free patch with a man-made line drawn on it: cables, a straight edge, or a joint.
+
+    Inspection photos are full of smooth, even-width lines and straight edges that a crack classifier
+    trained on bare concrete has never seen labelled "no crack" (the Mendeley negatives are plain
+    surfaces). Drawn onto training negatives, they teach that a dark line alone is not a crack: a crack
+    is irregular in path and width. Validation and test data are never touched.
+
+    Args:
+        pixels: HxWx3 uint8 negative patch.
+        rng: Source of randomness (the caller seeds it for reproducibility).
+    """
+    from PIL import Image, ImageDraw, ImageFilter
+
+    size = pixels.shape[0]
+    up = 4  # draw large, then shrink: antialiased edges like a photo's
+    canvas = Image.fromarray(pixels).resize((size * up, size * up), Image.Resampling.BILINEAR)
+    draw = ImageDraw.Draw(canvas)
+    s = size * up
+    kind = rng.choice(["cables", "edge", "joint"], p=[0.5, 0.3, 0.2])
+    if kind == "cables":
+        width = int(rng.uniform(0.05, 0.14) * s)
+        base = int(rng.integers(20, 235))
+        start, end = rng.uniform(0, s, 2), rng.uniform(0, s, 2)
+        # enter on one side, leave on another, with a gentle bend
+        p0 = np.array([0.0, start[0]]) if rng.random() < 0.5 else np.array([start[0], 0.0])
+        p2 = np.array([s, end[0]]) if p0[0] == 0 else np.array([end[0], s])
+        p1 = (p0 + p2) / 2 + rng.normal(0, 0.15 * s, 2)
+        direction = (p2 - p0) / (np.linalg.norm(p2 - p0) + 1e-6)
+        normal = np.array([-direction[1], direction[0]])
+        t = np.linspace(0, 1, 40)[:, None]
+        for k in range(int(rng.integers(1, 4))):
+            offset = normal * k * width * rng.uniform(1.05, 1.4)
+            curve = (1 - t) ** 2 * (p0 + offset) + 2 * (1 - t) * t * (p1 + offset) + t**2 * (p2 + offset)
+            points = [tuple(map(float, q)) for q in curve]
+            shade = int(np.clip(base + rng.normal(0, 12), 0, 255))
+            draw.line(points, fill=(shade,) * 3, width=width, joint="curve")
+            highlight = int(np.clip(shade + rng.uniform(25, 70), 0, 255))  # a round cable's specular band
+            draw.line(points, fill=(highlight,) * 3, width=max(1, width // 4), joint="curve")
+    else:
+        angle = rng.uniform(0, np.pi)
+        centre = rng.uniform(0.25, 0.75, 2) * s
+        d = np.array([np.cos(angle), np.sin(angle)]) * s * 2
+        a, b = centre - d, centre + d
+        n = np.array([-np.sin(angle), np.cos(angle)]) * s * 2
+        if kind == "edge":  # a straight boundary to a darker (or lighter) surface
+            tone = int(rng.choice([rng.integers(5, 60), rng.integers(200, 250)]))
+            draw.polygon([tuple(a), tuple(b), tuple(b + n), tuple(a + n)], fill=(tone,) * 3)
+        else:  # a straight, even joint or groove
+            tone = int(rng.integers(20, 90))
+            draw.line([tuple(a), tuple(b)], fill=(tone,) * 3, width=int(rng.uniform(0.02, 0.06) * s))
+    canvas = canvas.filter(ImageFilter.GaussianBlur(radius=up * 0.6))
+    return np.asarray(canvas.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
