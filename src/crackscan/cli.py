@@ -140,9 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("model", nargs="?", help="model file or run folder (default: the shipped model)")
     xp.add_argument("--format", choices=("onnx",), default="onnx")
     xp.add_argument("--int8", action="store_true", help="static int8 quantization calibrated on --calibration images")
-    xp.add_argument("--calibration", metavar="DIR", help="folder of training images for int8 calibration")
+    xp.add_argument("--calibration", metavar="DIR",
+                    help="training images for int8 calibration, both classes (e.g. the training data folder)")
     xp.add_argument("--parity", metavar="DIR", help="images for the PyTorch parity check (default: generated)")
-    xp.add_argument("--output", "-o", help="ONNX file to write (default: next to the model)")
+    xp.add_argument("--output", "-o", help="ONNX file to write (default: MODEL_NAME.onnx in the current folder)")
 
     sv = sub.add_parser("serve", help="web service and page for predictions and photo scans")
     sv.add_argument("--model", help="model file or run folder (default: the shipped model)")
@@ -309,7 +310,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     suffix = ".int8.onnx" if args.int8 else ".onnx"
-    output = Path(args.output) if args.output else Path(model.path).with_suffix(suffix)
+    # Default: the current folder, never inside the installed package where the shipped model lives.
+    output = Path(args.output) if args.output else Path(Path(model.path).stem + suffix)
     if args.int8 and not args.calibration:
         _err("--int8 needs --calibration DIR (a folder of training images)")
         return EXIT_ERROR
