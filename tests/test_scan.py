@@ -222,18 +222,21 @@ def test_too_small_patch_for_photo_is_refused(tiny_model, tmp_path):
 
 
 MEMORY_SCRIPT = """
-import resource, sys, time
+import sys
 import numpy as np
-from PIL import Image
 from crackscan.model import load_model
 from crackscan.scan import scan_photo
+
+def status(key):
+    # /proc, not getrusage: ru_maxrss carries the parent's (pytest's) peak over fork+exec.
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith(key)) / 1024
+
 model = load_model(sys.argv[1])
 model.crack_probability(np.zeros((1, 64, 64, 3), np.uint8), backend="torch")
-with open("/proc/self/status") as handle:
-    before = next(int(line.split()[1]) for line in handle if line.startswith("VmRSS")) / 1024
+before = status("VmHWM")
 result = scan_photo(model, sys.argv[2], patch_size=64)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(result.map_shape[0], result.map_shape[1], round(after - before))
+print(result.map_shape[0], result.map_shape[1], round(status("VmHWM") - before))
 """
 
 
