@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,3 +68,19 @@ def write_results(name: str, rows: Sequence[dict[str, Any]], extra: dict[str, An
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process since it started, imports and model included.
+
+    ``getrusage().ru_maxrss`` would be wrong here: Linux carries a forked child's high-water mark over
+    ``exec``, so every worker would report at least the (large) parent's peak. The kernel's ``VmHWM``
+    belongs to the new address space only.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; outside Linux, no fork issue

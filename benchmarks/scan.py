@@ -4,7 +4,7 @@ For a 12-MP photo (../shared/data/photos/floor-crack-4032x3024.jpg when present,
 4032x3024 one) it times `scan_photo` with method "dense" and "crops" at the same output stride (the
 network's own: 32 network px), decode included, and compares the two maps: Pearson r of probabilities
 and of logits, largest difference, share of cells with the same label at the model's threshold. Each
-measurement runs in a fresh process so its peak memory (ru_maxrss) is its own; the table shows the
+measurement runs in a fresh process so its peak memory (VmHWM) is its own; the table shows the
 process's resident memory before the scan (torch and the model) and the peak during it. A generated
 50-MP photo measures memory for big photos.
 
@@ -21,12 +21,14 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import peak_rss_mb  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -105,7 +107,7 @@ def worker(model_path: str, photo: str, method: str, repeats: int, threads: int,
         "verdict": result.label,
         "threshold": result.threshold,
         "rss_before_mb": round(before_mb),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mb": round(peak_rss_mb()),
     }))
 
 

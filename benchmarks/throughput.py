@@ -26,7 +26,6 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import print_table, write_results  # noqa: E402
+from _common import peak_rss_mb, print_table, write_results  # noqa: E402
 
 DATA = HERE.parent.parent / "shared" / "data" / "mendeley-dev"
 CLASSES = ("Negative", "Positive")
@@ -152,22 +151,6 @@ def run_worker(spec: dict, env: dict) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"worker {spec['kind']} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process since it started, imports and model included.
-
-    ``getrusage().ru_maxrss`` would be wrong here: Linux carries a forked child's high-water mark over
-    ``exec``, so every worker would report at least the (large) parent's peak. The kernel's ``VmHWM``
-    belongs to the new address space only.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; outside Linux, no fork issue
 
 
 def worker_main(spec: dict) -> None:

@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _common import print_table, write_results  # noqa: E402
+from _common import peak_rss_mb, print_table, write_results  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "mendeley-dev"
 WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenet_v2_imagenet1k.safetensors"
@@ -131,7 +131,7 @@ def reference_worker(split_csv: Path, data: Path, weights: Path, budget: float, 
             t_load = time.perf_counter()
         # (the time between batches, i.e. decoding, is added through the loop's own wall clock)
     result = {"reached_s": reached, "trained_s": trained_s, "images": images, "evals": evals,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              "peak_rss_mb": peak_rss_mb()}
     result_path.write_text(json.dumps(result))
 
 
