@@ -10,6 +10,7 @@ Needs the dev data and the offline ImageNet weights beside the repository (../sh
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
@@ -81,6 +82,18 @@ def write_card(run: Path, scans: list[dict], data: Path, metrics: dict[str, dict
     v = metrics["val"]
     cfg = meta["training"]
     counts = {"train": None, "val": v["n"], "test": m["n"]}
+    pretrained = meta["pretrained"]
+    if pretrained.startswith("file "):  # name the file, not this machine's path to it
+        pretrained = f"`{Path(pretrained[5:]).name}` (`../shared/weights/`)"
+    with open(run / "shipped-val" / "predictions.csv", newline="") as handle:
+        probs = [float(r["crack_probability"]) for r in csv.DictReader(handle)]
+    unsure = sum(0.1 <= p < 0.9 for p in probs)
+    wall = [s for s in scans if "no-crack" in Path(s["file"]).name]
+    wall_line = ""
+    if wall and wall[0]["is_crack"]:
+        wall_line = (f"\nThe wall photo has no crack: its {len(wall[0]['regions'])} flagged region(s) "
+                     f"({wall[0]['flagged_fraction']:.1%} of the photo) are false alarms on cable ends, the dark edge "
+                     "and objects in the corner (overlays: RUN/photos/, written by this script).\n")
     with open(run / "split.csv") as handle:
         counts["train"] = sum(1 for line in handle if ",train," in line)
     c = m["confusion"]
@@ -101,7 +114,7 @@ All figures below are written by `scripts/ship_model.py` from the run it trains;
 - Architecture: torchvision MobileNetV2 (width 1.0), new head: dropout {meta['dropout']} + linear 1280 → 2.
 - Input: {meta['input_size']}×{meta['input_size']} RGB, ImageNet normalisation (mean {meta['mean']}, std {meta['std']}).
 - Classes: {meta['classes']}; crack class `{meta['crack_class']}`.
-- Pretrained base: {meta['pretrained']}. That file is the ImageNet MobileNetV2 described in
+- Pretrained base: {pretrained}. That file is the ImageNet MobileNetV2 described in
   `../shared/weights/README.md`: the ONNX model zoo's "MobileNet v2-1.0-int8" (Apache-2.0), dequantized and
   mapped onto torchvision's layout, ImageNet top-1 68.3% (zoo figure) versus torchvision's 71.9%. Users with a
   network get torchvision's own `MobileNet_V2_Weights.IMAGENET1K_V1` by default.
@@ -136,7 +149,8 @@ The withheld blocks may score differently: these blocks came from the same campu
 ## Threshold
 {meta['threshold']:.2f}: the argmax of the two classes. On the validation split it gives recall {fmt_ci(v, 'recall')}
 and precision {fmt_ci(v, 'precision')} ({v['n']} images). The network's probabilities are sharply peaked (ROC-AUC
-{v['roc_auc']:.5f} on validation), so thresholds between about 0.1 and 0.9 change few answers on patches. Change it
+{v['roc_auc']:.5f} on validation): only {unsure} of the {len(probs)} validation patches score between 0.1 and 0.9, so
+any threshold in that range changes at most {unsure} answers there. Change it
 per call with `--threshold`, or choose one on your own validation data with
 `crackscan evaluate MODEL DATA --split SPLIT.csv --target-recall R`, which stores it in the model file.
 
@@ -146,7 +160,7 @@ per call with `--threshold`, or choose one on your own validation data with
 | photo | verdict | regions | flagged area | seconds |
 |---|---|---|---|---|
 {photo_lines}
-
+{wall_line}
 ## Intended use
 Screening photos of concrete surfaces for visible cracks, to direct a qualified inspector's attention; a
 second pair of eyes over many photos, not a judge of any one. Works best on photos like the training data:
