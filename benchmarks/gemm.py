@@ -156,7 +156,7 @@ def main() -> None:
     if args.quick:
         args.sizes, args.seconds = [128], 1.0
     machine = gemm_rates(args.quick)
-    fp32_peak = float(machine["fp32_torch_gflops"])
+    fp32_peak = max(float(machine["fp32_torch_gflops"]), float(machine["fp32_numpy_gflops"]))
     int8_peak = machine.get("int8_onnxruntime_gops")
     rows = []
     for size in args.sizes:
