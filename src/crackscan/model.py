@@ -38,6 +38,8 @@ FEATURE_DIM = 1280
 DEFAULT_UNFREEZE_FROM = 14
 
 SHIPPED_MODEL = "crack-mobilenetv2.safetensors"
+#: Patches per network call inside :meth:`CrackModel.crack_probability`.
+INFERENCE_CHUNK = 128
 
 
 class ModelError(ValueError):
@@ -216,9 +218,12 @@ class CrackModel:
                 from crackscan.export import OnnxRunner
 
                 self._onnx = OnnxRunner.from_model(self)
-            logits = self._onnx.logits(pixels)
+            run = self._onnx.logits
         else:
-            logits = self.logits(pixels)
+            run = self.logits
+        # Chunks bound the activations' memory: one forward over a whole test set of 3,000 patches
+        # would hold gigabytes of feature maps at once.
+        logits = np.concatenate([run(pixels[i : i + INFERENCE_CHUNK]) for i in range(0, len(pixels), INFERENCE_CHUNK)])
         return softmax(logits)[:, self.crack_index]
 
     def predict(
