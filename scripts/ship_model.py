@@ -149,8 +149,8 @@ The withheld blocks may score differently: these blocks came from the same campu
 ## Threshold
 {meta['threshold']:.2f}: the argmax of the two classes. On the validation split it gives recall {fmt_ci(v, 'recall')}
 and precision {fmt_ci(v, 'precision')} ({v['n']} images). The network's probabilities are sharply peaked (ROC-AUC
-{v['roc_auc']:.5f} on validation): only {unsure} of the {len(probs)} validation patches score between 0.1 and 0.9, so
-any threshold in that range changes at most {unsure} answers there. Change it
+{v['roc_auc']:.5f} on validation): only {unsure} of the {len(probs)} validation patch(es) score between 0.1 and 0.9, so
+any threshold in that range changes at most {unsure} answer(s) there. Change it
 per call with `--threshold`, or choose one on your own validation data with
 `crackscan evaluate MODEL DATA --split SPLIT.csv --target-recall R`, which stores it in the model file.
 
