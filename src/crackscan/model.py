@@ -208,7 +208,7 @@ class CrackModel:
         """Crack probabilities for NxHxWx3 uint8 patches at the input size.
 
         Args:
-            pixels: Patches already decoded and resized (see :class:`crackscan.transforms.EvalPreset`).
+            pixels: Patches already decoded and resized (see :func:`crackscan.images.load_patch`, the eval preset).
             backend: ``"torch"``, ``"onnx"`` (ONNX Runtime) or ``"auto"`` (ONNX Runtime when installed).
         """
         if len(pixels) == 0:

@@ -1,4 +1,6 @@
-"""Preprocessing presets: one eval transform for every consumer, one train transform with augmentation.
+"""Preprocessing: batch normalisation, the train transform with augmentation, drawn hard negatives.
+
+The eval transform is :func:`crackscan.images.load_patch` (decode, then resize), used by every consumer.
 
 Pixels travel as uint8 HxWx3 arrays (cheap to cache and to send between processes) and become
 normalised float tensors only in whole batches, in :func:`normalize_batch`.
@@ -14,20 +16,8 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from crackscan.images import ImageSource, load_patch
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class EvalPreset:
-    """Image source -> HxWx3 uint8 at the model's input size (JPEG DCT-scaled decode, then bilinear resize)."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, source: ImageSource) -> np.ndarray:
-        return load_patch(source, self.size)
 
 
 def normalize_batch(pixels: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
