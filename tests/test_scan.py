@@ -125,7 +125,7 @@ def test_dense_and_crops_maps_agree(head_model, tmp_path):
     # see zero padding. They must still rank the patches alike, and both must separate cracked tiles.
     layout = [[False, True, False, False], [False, True, False, True], [True, False, False, True]]
     path = grid_photo(tmp_path / "grid.jpg", layout)
-    dense = scan_photo(head_model, path, stride=113, threshold=0.5)
+    dense = scan_photo(head_model, path, stride=113, threshold=0.5, verify=0)
     crops = scan_photo(head_model, path, stride=113, threshold=0.5, method="crops")
     assert dense.map_shape == crops.map_shape
     assert dense.stride == crops.stride == pytest.approx(2 * 32 * 227 / HEAD_SIZE)
@@ -141,6 +141,36 @@ def test_dense_and_crops_maps_agree(head_model, tmp_path):
         values = _logit(result.probability)
         assert values[inside].mean() > values[plain].mean() + 3
     assert dense.verdict and crops.verdict
+
+
+def test_verification_confirms_region_borders_with_crops(head_model, tmp_path):
+    # The dense map flags plain tiles beside cracked ones (they are in its receptive field). Verification
+    # puts the crop's value in every border cell it checks, until each region's border is confirmed.
+    from scipy import ndimage
+
+    layout = [[False, True, False, False], [False, False, False, False], [False, False, False, True]]
+    path = grid_photo(tmp_path / "grid.jpg", layout, seed=5)
+    raw = scan_photo(head_model, path, stride=57, threshold=0.5, verify=0)
+    crops = scan_photo(head_model, path, stride=57, threshold=0.5, method="crops")
+    checked = scan_photo(head_model, path, stride=57, threshold=0.5)
+    assert raw.verified == 0 and checked.method == "dense"
+
+    changed = ~np.isclose(checked.probability, raw.probability, atol=1e-6)
+    assert 0 < changed.sum() <= checked.verified
+    np.testing.assert_allclose(checked.probability[changed], crops.probability[changed], atol=1e-3)
+    flagged = checked.probability >= 0.5
+    border = flagged & ndimage.binary_dilation(~flagged, structure=np.ones((3, 3), dtype=bool), border_value=1)
+    assert border.any()
+    np.testing.assert_allclose(checked.probability[border], crops.probability[border], atol=1e-3)
+    # Only flagged cells are checked, and rejected ones are exactly those that left the flagged set.
+    assert not (changed & (raw.probability < 0.5)).any()
+    assert checked.rejected == int(((raw.probability >= 0.5) & ~flagged).sum()) > 0
+    assert checked.flagged_fraction < raw.flagged_fraction
+    assert checked.to_dict()["verified_cells"] == checked.verified
+
+    few = scan_photo(head_model, path, stride=57, threshold=0.5, verify=2)
+    assert few.verified == 2
+    assert int((~np.isclose(few.probability, raw.probability, atol=1e-6)).sum()) <= 2
 
 
 def test_geometry_and_regions(tiny_model, tmp_path):
@@ -330,6 +360,8 @@ def test_bad_arguments(tiny_model, tmp_path):
         scan_photo(tiny_model, path, threshold=1.5)
     with pytest.raises(ValueError, match="map kind"):
         scan_paths(tiny_model, [path], tmp_path / "o", map_kind="saliency")
+    with pytest.raises(ValueError, match="verify"):
+        scan_photo(tiny_model, path, verify=-1)
 
 
 def test_scan_scaled_small_photo_gets_one_padded_patch(tiny_model):

@@ -31,6 +31,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return value
+
+
 def _probability(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -128,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=_probability, help="override the model's decision threshold")
     s.add_argument("--method", choices=("dense", "crops"), default="dense",
                    help="dense: one pass of the base over the photo (fast); crops: classify crops one by one")
+    s.add_argument("--verify", type=_non_negative_int, metavar="N",
+                   help="dense only: classify up to N flagged border cells as crops, from each region's edge "
+                        "inwards, to trim what the dense map flags beside a crack (default 256; 0: off)")
     s.add_argument("--map", dest="map_kind", choices=("probability", "gradcam"), default="probability",
                    help="what the overlay shows")
     s.add_argument("--quiet", action="store_true")
@@ -276,6 +286,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     summary = scan_paths(model, list(expand_paths(items)), Path(args.out), patch_size=args.patch_size,
                          stride=args.stride, threshold=args.threshold, method=args.method,
+                         **({} if args.verify is None else {"verify": args.verify}),
                          map_kind=args.map_kind, quiet=args.quiet)
     print(f"results: {summary.out_dir}")
     print(DISCLAIMER)

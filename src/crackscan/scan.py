@@ -15,6 +15,13 @@ Two methods give the same map:
   patch's border the base sees real neighbouring pixels instead of zero padding.
 * ``"crops"`` cuts every patch out of the same scaled photo and classifies it on its own: the reference.
 
+That context makes the dense map generous: a plain cell beside a crack sees the crack through its
+receptive field and is flagged too (``benchmarks/mosaic.py`` measures it on mosaics of real patches). So a
+dense scan then *verifies* its flagged regions from the outside in (:func:`_verify_borders`): the flagged
+cells on a region's border are classified as crops, rejected ones leave the region, and the new border is
+checked, until every region's border is confirmed or ``verify`` crops were spent. The cost follows the
+regions' outlines rather than the photo's area.
+
 Geometry. Map cell ``(i, j)`` is the patch whose top-left corner lies at
 ``map_origin + (j * stride, i * stride)`` photo pixels and whose side is ``patch_size``. The stride is a
 whole number of network cells (32 network pixels, e.g. 56.75 photo pixels for a 128-px model at patch 227),
@@ -58,6 +65,8 @@ from crackscan.model import CrackModel
 NETWORK_STRIDE = 32
 #: Crops per batch for the crop-by-crop reference method.
 CROP_BATCH = 32
+#: Most crops a dense scan classifies to verify the borders of its flagged regions.
+VERIFY_CROPS = 256
 METHODS = ("dense", "crops")
 MAP_KINDS = ("probability", "gradcam")
 
@@ -82,6 +91,8 @@ class ScanResult:
             ``[x0, y0, x1, y1]`` in photo pixels, ``max_probability``, ``mean_probability``, ``cells``,
             ``area_fraction``.
         seconds: Wall time of decoding plus scanning.
+        verified: Cells the dense method re-classified as crops (their map values are the crops').
+        rejected: Of those, the ones the crops did not confirm.
     """
 
     source: str
@@ -97,6 +108,8 @@ class ScanResult:
     flagged_fraction: float = 0.0
     regions: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    verified: int = 0
+    rejected: int = 0
 
     @property
     def map_shape(self) -> tuple[int, int]:
@@ -150,6 +163,8 @@ class ScanResult:
             "map_shape": list(self.map_shape),
             "map_origin": [round(v, 3) for v in self.map_origin],
             "method": self.method,
+            "verified_cells": self.verified,
+            "rejected_cells": self.rejected,
             "seconds": round(self.seconds, 4),
         }
 
@@ -441,18 +456,59 @@ def _dense_map(model: CrackModel, work: np.ndarray, grid: _Grid, **tiling: Any) 
     return probability
 
 
+def _crops(work: np.ndarray, grid: _Grid, cells: Sequence[tuple[int, int]]) -> np.ndarray:
+    """The patches of some map cells, N x window x window x 3."""
+    w, s = grid.window, grid.step
+    return np.stack([work[i * s:i * s + w, j * s:j * s + w] for i, j in cells])
+
+
+def _verify_borders(model: CrackModel, work: np.ndarray, grid: _Grid, probability: np.ndarray, threshold: float,
+                    budget: int) -> tuple[int, int]:
+    """Re-classify flagged cells as crops, from each region's border inwards; updates ``probability``.
+
+    A round takes the flagged, unverified cells with an unflagged neighbour (8-neighbourhood; outside the
+    map counts as unflagged) and puts
+    their crop probability in the map. Cells the crops reject are unflagged, which exposes the cells
+    behind them to the next round. It ends when every border is confirmed or ``budget`` crops were used
+    (the closest-to-unflagged first, so a spent budget leaves interiors, not edges, unverified).
+
+    Returns:
+        ``(verified, rejected)`` cell counts.
+    """
+    from scipy import ndimage
+
+    verified = np.zeros(probability.shape, dtype=bool)
+    rejected, ring = 0, np.ones((3, 3), dtype=bool)
+    while budget > int(verified.sum()):
+        flagged = probability >= threshold
+        # border_value=1: beyond the map's edge counts as unflagged, so a map flagged everywhere is
+        # peeled from its edges too.
+        border = flagged & ~verified & ndimage.binary_dilation(~flagged, structure=ring, border_value=1)
+        cells = list(zip(*np.nonzero(border)))[: budget - int(verified.sum())]
+        if not cells:
+            break
+        crops = _crops(work, grid, cells)
+        crop_probability = np.concatenate([model.crack_probability(crops[k:k + CROP_BATCH * 4])
+                                           for k in range(0, len(crops), CROP_BATCH * 4)])
+        for (i, j), value in zip(cells, crop_probability):
+            probability[i, j] = value
+            verified[i, j] = True
+            rejected += int(value < threshold)
+    return int(verified.sum()), rejected
+
+
 def _crops_map(model: CrackModel, work: np.ndarray, grid: _Grid) -> np.ndarray:
     probability = np.empty(grid.rows * grid.cols, dtype=np.float32)
     cells = [(i, j) for i in range(grid.rows) for j in range(grid.cols)]
-    w, s = grid.window, grid.step
     for start in range(0, len(cells), CROP_BATCH):
         chunk = cells[start:start + CROP_BATCH]
-        crops = np.stack([work[i * s:i * s + w, j * s:j * s + w] for i, j in chunk])
-        probability[start:start + len(chunk)] = model.crack_probability(crops, backend="torch")
+        probability[start:start + len(chunk)] = model.crack_probability(_crops(work, grid, chunk), backend="torch")
     return probability.reshape(grid.rows, grid.cols)
 
 
-def _check(patch_size: int, stride: int | None, threshold: float | None, method: str) -> None:
+def _check(patch_size: int, stride: int | None, threshold: float | None, method: str, verify: int = 0) -> None:
+    if verify < 0:
+        raise ValueError(f"verify must be a number of crops, 0 or more, got {verify}")
     if patch_size < 8:
         raise ValueError(f"patch size must be at least 8 photo pixels, got {patch_size}")
     if stride is not None and stride < 1:
@@ -472,6 +528,7 @@ def scan_scaled(
     stride: int | None = None,
     threshold: float | None = None,
     method: str = "dense",
+    verify: int = VERIFY_CROPS,
     source: str = "<image>",
     **tiling: Any,
 ) -> ScanResult:
@@ -480,15 +537,19 @@ def scan_scaled(
     :func:`scan_photo` decodes and calls this; callers that keep the decoded image (the overlay, the web
     service) use it directly. ``tiling`` passes ``max_values`` to :func:`cell_logits`.
     """
-    _check(patch_size, stride, threshold, method)
+    _check(patch_size, stride, threshold, method, verify)
     started = time.perf_counter()
     pixels = np.asarray(scaled.convert("RGB") if isinstance(scaled, Image.Image) else scaled, dtype=np.uint8)
     scale = model.input_size / patch_size
     cells = 1 if stride is None else max(1, round(stride * scale / NETWORK_STRIDE))
     grid = _plan(pixels.shape[1], pixels.shape[0], model.input_size, cells * NETWORK_STRIDE)
     work = _work_pixels(pixels, grid)
+    threshold = float(model.threshold if threshold is None else threshold)
+    verified = rejected = 0
     if method == "dense":
         probability = _dense_map(model, work, grid, **tiling)
+        if verify:
+            verified, rejected = _verify_borders(model, work, grid, probability, threshold, verify)
     else:
         probability = _crops_map(model, work, grid)
     # Photo-pixel geometry from the actual resize ratio (it differs from ``scale`` by rounding only).
@@ -499,11 +560,13 @@ def scan_scaled(
         patch_size=int(patch_size),
         stride=grid.step / scale,
         probability=probability,
-        threshold=float(model.threshold if threshold is None else threshold),
+        threshold=threshold,
         scale=scale,
         map_origin=(grid.offset[0] * ratio_x, grid.offset[1] * ratio_y),
         method=method,
         seconds=time.perf_counter() - started,
+        verified=verified,
+        rejected=rejected,
     )
     return result.with_threshold(result.threshold)
 
@@ -516,6 +579,7 @@ def scan_photo(
     stride: int | None = None,
     threshold: float | None = None,
     method: str = "dense",
+    verify: int = VERIFY_CROPS,
     max_pixels: int = MAX_PIXELS,
 ) -> ScanResult:
     """Crack-probability map, regions and verdict for one photo.
@@ -528,17 +592,19 @@ def scan_photo(
             pixels). Default: one cell.
         threshold: Flag cells at or above this probability (default: the model's threshold).
         method: ``"dense"`` (one pass of the base, fast) or ``"crops"`` (every patch classified alone).
+        verify: Dense method only: at most this many crops re-classify the flagged regions' borders
+            (:func:`_verify_borders`); 0 keeps the raw dense map.
         max_pixels: Refuse photos, and scaled photos, larger than this (decompression-bomb guard).
 
     Raises:
         ImageError: The photo cannot be read, or is too large.
         ValueError: A bad argument.
     """
-    _check(patch_size, stride, threshold, method)
+    _check(patch_size, stride, threshold, method, verify)
     started = time.perf_counter()
     scaled, photo_size = decode_scaled(source, model.input_size / patch_size, max_pixels=max_pixels)
     result = scan_scaled(model, scaled, photo_size, patch_size=patch_size, stride=stride, threshold=threshold,
-                         method=method, source=describe(source))
+                         method=method, verify=verify, source=describe(source))
     result.seconds = time.perf_counter() - started
     return result
 
@@ -646,7 +712,8 @@ def _with_legend(image: Image.Image, result: ScanResult, *, gradcam: bool) -> Im
     draw.line([(tick, bar_y - 3), (tick, bar_y + bar_h + 2)], fill=(255, 255, 255), width=max(2, text_size // 8))
     draw.text((2 * pad + bar_w, bar_y - text_size // 10), "0 .. 1", fill=(230, 230, 230), font=small)
     what = "Grad-CAM heat x probability" if gradcam else f"crack probability (tinted at >= {result.threshold:.2f})"
-    key = f"{what}; patch {result.patch_size} px, step {result.stride:.0f} px, {result.method}; boxes: flagged regions"
+    method = result.method + (f", {result.verified} border cells checked as crops" if result.verified else "")
+    key = f"{what}; patch {result.patch_size} px, step {result.stride:.0f} px, {method}; boxes: flagged regions"
     draw.text((pad, bar_y + bar_h + pad), key, fill=(230, 230, 230), font=small)
 
     out = Image.new("RGB", (width, image.height + band.height))
@@ -719,6 +786,7 @@ def scan_paths(
     stride: int | None = None,
     threshold: float | None = None,
     method: str = "dense",
+    verify: int = VERIFY_CROPS,
     map_kind: str = "probability",
     quiet: bool = False,
 ) -> ScanSummary:
@@ -736,10 +804,12 @@ def scan_paths(
         stride: Photo pixels between map cells (default: one network cell).
         threshold: Decision threshold (default: the model's).
         method: ``"dense"`` or ``"crops"``.
+        verify: Dense method only: at most this many crops re-classify the flagged regions' borders
+            (:func:`_verify_borders`); 0 keeps the raw dense map.
         map_kind: What the overlay shows: ``"probability"`` or ``"gradcam"``.
         quiet: No per-photo progress line on standard output.
     """
-    _check(patch_size, stride, threshold, method)
+    _check(patch_size, stride, threshold, method, verify)
     if map_kind not in MAP_KINDS:
         raise ValueError(f"unknown map kind {map_kind!r}: use {' or '.join(MAP_KINDS)}")
     out_dir = Path(out_dir)
@@ -755,7 +825,7 @@ def scan_paths(
         try:
             scaled, photo_size = decode_scaled(path, model.input_size / patch_size)
             result = scan_scaled(model, scaled, photo_size, patch_size=patch_size, stride=stride,
-                                 threshold=threshold, method=method, source=str(path))
+                                 threshold=threshold, method=method, verify=verify, source=str(path))
             result.seconds = time.perf_counter() - started
             heat = None
             if map_kind == "gradcam":
