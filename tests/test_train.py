@@ -119,3 +119,33 @@ def test_cli_defaults_match_the_library_defaults():
                  "run_length", "weights", "hard_negatives"):
         assert getattr(args, name) == getattr(lib, name), name
     assert (args.crop_scale, args.jitter) == (lib.augment.crop_scale, lib.augment.jitter)
+
+
+def test_views_are_cached_one_epoch_at_a_time(tiny_dataset, tmp_path):
+    # The first epoch must not wait for augmentation: view 0 is the decoded images themselves, and each
+    # augmented view is computed when the head phase first reaches it.
+    import torch
+
+    from crackscan.data import assign_groups, load_dataset, split_groups
+    from crackscan.model import build_model
+    from crackscan.train import Trainer, TrainConfig, run_lower
+    from crackscan.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    config = TrainConfig(data=str(tiny_dataset), input_size=64, views=3, head_epochs=3, finetune_epochs=1,
+                         patience=10, hard_negatives=0.0, run_length=5, quiet=True)
+    dataset = load_dataset(tiny_dataset, config.input_size, quiet=True)
+    assign_groups(dataset, None, config.run_length)
+    split_groups(dataset, config.val_fraction, config.test_fraction, config.seed)
+    torch.manual_seed(0)
+    trainer = Trainer(config, tmp_path, build_model().eval(), dataset)
+    trainer.build_caches()
+    assert len(trainer.views) == 1
+    plain = run_lower(trainer.lower, dataset.pixels[dataset.indices("train")], IMAGENET_MEAN, IMAGENET_STD, 128, "",
+                      True)
+    assert torch.equal(trainer.views[0], plain)
+
+    trainer.fit()
+    assert len(trainer.views) == 3 and trainer.train_pixels is None
+    assert not torch.equal(trainer.views[1], trainer.views[0])
+    assert not torch.equal(trainer.views[2], trainer.views[1])
+    assert [row["phase"] for row in trainer.history] == ["head"] * 3 + ["finetune"]

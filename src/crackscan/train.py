@@ -274,31 +274,42 @@ class Trainer:
 
     # -- caches -------------------------------------------------------------------------------
     def build_caches(self) -> None:
+        """Validation activations and the first training view; later views wait for their first epoch.
+
+        View 0 is the training images as decoded (the eval preset), so the first epoch starts without
+        waiting for augmentation; views 1.. are augmented. Epoch ``e`` of the head phase draws from views
+        ``0..e`` (every view once the phase is that far), fine-tuning from all of them.
+        """
         c, ds = self.config, self.dataset
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        t0 = time.perf_counter()
         train_idx, val_idx = ds.indices("train"), ds.indices("val")
         train_pixels, train_labels = ds.pixels[train_idx], ds.labels(train_idx)
         if c.hard_negatives > 0:
             train_pixels, train_labels = self._add_hard_negatives(train_pixels, train_labels)
         self.y_train = torch.from_numpy(train_labels)
         self.y_val = torch.from_numpy(ds.labels(val_idx))
-        preset = TrainPreset(c.input_size, c.augment)
-        augmenting = c.augment != Augment.none()
-        n_views = max(1, c.views if augmenting else 1)
-        t0 = time.perf_counter()
+        self.preset = TrainPreset(c.input_size, c.augment)
+        self.n_views = max(1, c.views) if c.augment != Augment.none() else 1
+        self.train_pixels = train_pixels
+        shown = train_pixels[: min(16, len(train_pixels))]
+        self.sample_views = augmented_view(shown, self.preset, 1, c.seed) if self.n_views > 1 else shown.copy()
         self.lower.eval()
-        caches = []
-        for v in range(n_views):
-            # One view at a time: only its activations are kept, not the augmented pixels.
-            view = augmented_view(train_pixels, preset, v, c.seed) if augmenting else train_pixels
-            if v == 0:
-                self.sample_views = view[: min(16, len(view))].copy()
-            caches.append(run_lower(self.lower, view, mean, std, 128, f"base view {v + 1}/{n_views}", c.quiet))
-            del view
-        self.train_cache = torch.stack(caches)
-        del caches
-        self.val_cache = run_lower(self.lower, ds.pixels[val_idx], mean, std, 128, "base val", c.quiet)
+        self.views: list[torch.Tensor] = []
+        self.val_cache = run_lower(self.lower, ds.pixels[val_idx], IMAGENET_MEAN, IMAGENET_STD, 128, "base val", c.quiet)
+        self.ensure_views(1)
         self.cache_seconds = time.perf_counter() - t0
+
+    def ensure_views(self, n: int) -> None:
+        """Compute the lower-base activations of training views up to ``n`` (each is reproducible)."""
+        c = self.config
+        for v in range(len(self.views), min(n, self.n_views)):
+            # One view at a time: only its activations are kept, not the augmented pixels.
+            pixels = self.train_pixels if v == 0 else augmented_view(self.train_pixels, self.preset, v, c.seed)
+            self.views.append(run_lower(self.lower, pixels, IMAGENET_MEAN, IMAGENET_STD, 128,
+                                        f"base view {v + 1}/{self.n_views}", c.quiet))
+            del pixels
+        if len(self.views) == self.n_views:
+            self.train_pixels = None  # every view is cached: the pixels are no longer needed
 
     def _add_hard_negatives(self, pixels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Append drawn man-made-line copies of a fraction of the training negatives (labelled negative)."""
@@ -306,7 +317,11 @@ class Trainer:
         rng = np.random.default_rng(self.config.seed + 17)
         pool = np.flatnonzero(labels == negative)
         chosen = rng.choice(pool, size=min(len(pool), round(self.config.hard_negatives * len(pool))), replace=False)
-        extra = np.stack([man_made_negative(pixels[i], rng) for i in chosen]) if len(chosen) else pixels[:0]
+        # One generator per image (reproducible in any order); PIL drawing releases the GIL, so threads help.
+        with ThreadPoolExecutor(max_workers=cpu_count()) as pool:
+            drawn = list(pool.map(lambda i: man_made_negative(pixels[i], np.random.default_rng([self.config.seed, 17, i])),
+                                  chosen))
+        extra = np.stack(drawn) if drawn else pixels[:0]
         self.n_hard_negatives = len(extra)
         return np.concatenate([pixels, extra]), np.concatenate([labels, np.full(len(extra), negative)])
 
@@ -388,12 +403,17 @@ class Trainer:
                 sched.load_state_dict(doc["scheduler"])
                 bad_epochs = doc["bad_epochs"]
             if phase == "head":
-                train_in, val_in = self._pooled(self.train_cache.flatten(0, 1)), self._pooled(self.val_cache)
-                train_in = train_in.view(self.train_cache.shape[0], -1, train_in.shape[-1])
+                val_in, pooled = self._pooled(self.val_cache), []
             else:
-                train_in, val_in = self.train_cache, self.val_cache
+                self.ensure_views(self.n_views)
+                train_in, val_in = torch.stack(self.views), self.val_cache
             for phase_epoch in range(phase_epoch0, n_epochs):
                 t0 = time.perf_counter()
+                if phase == "head":
+                    # Views join one epoch at a time: the first epoch needs only view 0.
+                    self.ensure_views(phase_epoch + 1)
+                    pooled += [self._pooled(view) for view in self.views[len(pooled):phase_epoch + 1]]
+                    train_in = torch.stack(pooled)
                 lr_now = opt.param_groups[0]["lr"]
                 try:
                     train_loss, train_acc = self._epoch(phase, epoch, opt, sched, train_in)
@@ -547,7 +567,8 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     trainer = Trainer(config, run_dir, model, dataset, writer, started=started)
     trainer.build_caches()
     extra = f" (+{trainer.n_hard_negatives} drawn hard negatives)" if trainer.n_hard_negatives else ""
-    say(f"cached base activations for {counts['train']}{extra} x {trainer.train_cache.shape[0]} views in {trainer.cache_seconds:.1f}s")
+    say(f"cached base activations for {counts['val']} validation and {counts['train']}{extra} training images "
+        f"in {trainer.cache_seconds:.1f}s; {trainer.n_views - 1} augmented view(s) follow, one per epoch")
     if checkpoint is None:
         plots.augmentation_grid(trainer.sample_views, run_dir / "augmentations.png")
         _describe_architecture(model, config, run_dir, writer)

@@ -106,9 +106,17 @@ def man_made_negative(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarra
 
     size = pixels.shape[0]
     up = 4  # draw large, then shrink: antialiased edges like a photo's
-    canvas = Image.fromarray(pixels).resize((size * up, size * up), Image.Resampling.BILINEAR)
-    draw = ImageDraw.Draw(canvas)
     s = size * up
+    # The drawing goes into two greyscale layers at 4x, its shade and its coverage, which are shrunk
+    # (box filter) and laid over the photo: the photo itself is never enlarged.
+    shade = Image.new("L", (s, s), 0)
+    cover = Image.new("L", (s, s), 0)
+    ink, mask = ImageDraw.Draw(shade), ImageDraw.Draw(cover)
+
+    def line(points, tone: int, width: int) -> None:
+        ink.line(points, fill=tone, width=width, joint="curve")
+        mask.line(points, fill=255, width=width, joint="curve")
+
     kind = rng.choice(["cables", "edge", "joint"], p=[0.5, 0.3, 0.2])
     if kind == "cables":
         width = int(rng.uniform(0.05, 0.14) * s)
@@ -125,10 +133,10 @@ def man_made_negative(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarra
             offset = normal * k * width * rng.uniform(1.05, 1.4)
             curve = (1 - t) ** 2 * (p0 + offset) + 2 * (1 - t) * t * (p1 + offset) + t**2 * (p2 + offset)
             points = [tuple(map(float, q)) for q in curve]
-            shade = int(np.clip(base + rng.normal(0, 12), 0, 255))
-            draw.line(points, fill=(shade,) * 3, width=width, joint="curve")
-            highlight = int(np.clip(shade + rng.uniform(25, 70), 0, 255))  # a round cable's specular band
-            draw.line(points, fill=(highlight,) * 3, width=max(1, width // 4), joint="curve")
+            tone = int(np.clip(base + rng.normal(0, 12), 0, 255))
+            line(points, tone, width)
+            highlight = int(np.clip(tone + rng.uniform(25, 70), 0, 255))  # a round cable's specular band
+            line(points, highlight, max(1, width // 4))
     else:
         angle = rng.uniform(0, np.pi)
         centre = rng.uniform(0.25, 0.75, 2) * s
@@ -137,9 +145,14 @@ def man_made_negative(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarra
         n = np.array([-np.sin(angle), np.cos(angle)]) * s * 2
         if kind == "edge":  # a straight boundary to a darker (or lighter) surface
             tone = int(rng.choice([rng.integers(5, 60), rng.integers(200, 250)]))
-            draw.polygon([tuple(a), tuple(b), tuple(b + n), tuple(a + n)], fill=(tone,) * 3)
+            corners = [tuple(a), tuple(b), tuple(b + n), tuple(a + n)]
+            ink.polygon(corners, fill=tone)
+            mask.polygon(corners, fill=255)
         else:  # a straight, even joint or groove
-            tone = int(rng.integers(20, 90))
-            draw.line([tuple(a), tuple(b)], fill=(tone,) * 3, width=int(rng.uniform(0.02, 0.06) * s))
-    canvas = canvas.filter(ImageFilter.GaussianBlur(radius=up * 0.6))
-    return np.asarray(canvas.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+            line([tuple(a), tuple(b)], int(rng.integers(20, 90)), int(rng.uniform(0.02, 0.06) * s))
+    coverage = np.asarray(cover.reduce(up), dtype=np.float32)[..., None] / 255.0
+    # Shrunk shade is premultiplied by coverage; dividing it back out gives the drawn tone at the edges.
+    drawn = np.asarray(shade.reduce(up), dtype=np.float32)[..., None] / np.maximum(coverage, 1 / 255.0)
+    blended = pixels.astype(np.float32) * (1 - coverage) + np.clip(drawn, 0, 255) * coverage
+    out = Image.fromarray((blended + 0.5).astype(np.uint8), "RGB").filter(ImageFilter.GaussianBlur(radius=0.6))
+    return np.asarray(out, dtype=np.uint8)
