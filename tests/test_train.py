@@ -142,7 +142,7 @@ def test_views_are_cached_one_epoch_at_a_time(tiny_dataset, tmp_path):
     assert len(trainer.views) == 1
     plain = run_lower(trainer.lower, dataset.pixels[dataset.indices("train")], IMAGENET_MEAN, IMAGENET_STD, 128, "",
                       True)
-    assert torch.equal(trainer.views[0], plain)
+    assert torch.allclose(trainer.views[0].float(), plain.float(), atol=1e-2, rtol=1e-2)  # ONNX Runtime vs eager
 
     trainer.fit()
     assert len(trainer.views) == 3 and trainer.train_pixels is None

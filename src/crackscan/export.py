@@ -33,7 +33,7 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -61,30 +61,26 @@ class ExportError(ModelError):
 
 
 class _PixelsIn(nn.Module):
-    """uint8 NHWC pixels -> the network's logits, normalisation included."""
+    """uint8 NHWC pixels -> a network's output, normalisation included."""
 
-    def __init__(self, model: CrackModel):
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
-        self.net = model.module
-        self.register_buffer("shift", torch.tensor(model.mean).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("scale", torch.tensor(model.std).view(1, 3, 1, 1) * 255.0)
+        self.net = net
+        self.register_buffer("shift", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("scale", torch.tensor(std).view(1, 3, 1, 1) * 255.0)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.permute(0, 3, 1, 2).float()
         return self.net((x - self.shift) / self.scale)
 
 
-def _onnx_bytes(model: CrackModel) -> bytes:
-    """The fp32 ONNX graph of a model, with its metadata, as bytes."""
-    import onnx
-
-    wrapper = _PixelsIn(model).eval()
-    size = model.input_size
+def _trace(net: nn.Module, size: int, mean: Sequence[float], std: Sequence[float]) -> bytes:
+    """The fp32 ONNX graph of ``net`` behind the uint8 pixel input, as bytes."""
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the legacy exporter announces its own deprecation
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper,
+            _PixelsIn(net, mean, std).eval(),
             (torch.zeros(1, size, size, 3, dtype=torch.uint8),),
             buffer,
             dynamo=False,
@@ -93,9 +89,27 @@ def _onnx_bytes(model: CrackModel) -> bytes:
             output_names=[OUTPUT],
             dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
         )
-    proto = onnx.load_from_string(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _onnx_bytes(model: CrackModel) -> bytes:
+    """The fp32 ONNX graph of a model, with its metadata, as bytes."""
+    import onnx
+
+    proto = onnx.load_from_string(_trace(model.module, model.input_size, model.mean, model.std))
     _set_metadata(proto, model.meta)
     return proto.SerializeToString()
+
+
+def frozen_runner(net: nn.Module, size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[np.ndarray], np.ndarray]:
+    """ONNX Runtime in place of a frozen (eval-mode) module: NxSxSx3 uint8 pixels -> its float32 output.
+
+    Training uses it for the lower base, whose output is computed once per image and view and never
+    changes: ONNX Runtime runs that pass ~1.8x faster than eager PyTorch on 2 cores, and building the
+    session takes under a second. Raises ImportError without onnxruntime.
+    """
+    session = _session(_trace(net, size, mean, std))
+    return lambda pixels: session.run(None, {INPUT: np.ascontiguousarray(pixels, dtype=np.uint8)})[0]
 
 
 def _set_metadata(proto: Any, meta: dict[str, Any]) -> None:

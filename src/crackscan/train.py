@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -148,13 +148,33 @@ def new_run_dir(out: str | Path, name: str | None) -> Path:
 
 
 @torch.inference_mode()
-def run_lower(lower: nn.Module, pixels: np.ndarray, mean, std, batch_size: int, desc: str, quiet: bool) -> torch.Tensor:
-    """The frozen lower base over NxSxSx3 uint8 pixels -> float16 activations (half the memory)."""
+def run_lower(lower: nn.Module, pixels: np.ndarray, mean, std, batch_size: int, desc: str, quiet: bool,
+              runner: Callable[[np.ndarray], np.ndarray] | None = None) -> torch.Tensor:
+    """The frozen lower base over NxSxSx3 uint8 pixels -> float16 activations (half the memory).
+
+    ``runner`` (from :func:`crackscan.export.frozen_runner`) computes the same thing with ONNX Runtime.
+    """
     chunks = []
     for start in tqdm(range(0, len(pixels), batch_size), desc=desc, unit="batch", disable=quiet, leave=False):
-        x = normalize_batch(pixels[start : start + batch_size], mean, std)
-        chunks.append(lower(x).to(torch.float16))
+        batch = pixels[start : start + batch_size]
+        if runner is not None:
+            chunks.append(torch.from_numpy(runner(batch)).to(torch.float16))
+        else:
+            chunks.append(lower(normalize_batch(batch, mean, std)).to(torch.float16))
     return torch.cat(chunks)
+
+
+def lower_runner(lower: nn.Module, size: int) -> Callable[[np.ndarray], np.ndarray] | None:
+    """ONNX Runtime for the frozen lower base when it is installed and exports; None means eager PyTorch."""
+    try:
+        from crackscan.export import frozen_runner
+
+        return frozen_runner(lower.eval(), size, IMAGENET_MEAN, IMAGENET_STD)
+    except ImportError:
+        return None
+    except Exception as err:  # an export problem costs speed, never the run
+        warnings.warn(f"ONNX Runtime not used for the frozen base ({type(err).__name__}: {err}); using PyTorch")
+        return None
 
 
 def augmented_view(pixels: np.ndarray, preset: TrainPreset, view: int, seed: int) -> np.ndarray:
@@ -294,8 +314,10 @@ class Trainer:
         shown = train_pixels[: min(16, len(train_pixels))]
         self.sample_views = augmented_view(shown, self.preset, 1, c.seed) if self.n_views > 1 else shown.copy()
         self.lower.eval()
+        self.runner = lower_runner(self.lower, c.input_size)
         self.views: list[torch.Tensor] = []
-        self.val_cache = run_lower(self.lower, ds.pixels[val_idx], IMAGENET_MEAN, IMAGENET_STD, 128, "base val", c.quiet)
+        self.val_cache = run_lower(self.lower, ds.pixels[val_idx], IMAGENET_MEAN, IMAGENET_STD, 128, "base val", c.quiet,
+                                   self.runner)
         self.ensure_views(1)
         self.cache_seconds = time.perf_counter() - t0
 
@@ -306,10 +328,10 @@ class Trainer:
             # One view at a time: only its activations are kept, not the augmented pixels.
             pixels = self.train_pixels if v == 0 else augmented_view(self.train_pixels, self.preset, v, c.seed)
             self.views.append(run_lower(self.lower, pixels, IMAGENET_MEAN, IMAGENET_STD, 128,
-                                        f"base view {v + 1}/{self.n_views}", c.quiet))
+                                        f"base view {v + 1}/{self.n_views}", c.quiet, self.runner))
             del pixels
         if len(self.views) == self.n_views:
-            self.train_pixels = None  # every view is cached: the pixels are no longer needed
+            self.train_pixels = self.runner = None  # every view is cached: pixels and session can go
 
     def _add_hard_negatives(self, pixels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Append drawn man-made-line copies of a fraction of the training negatives (labelled negative)."""
