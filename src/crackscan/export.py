@@ -74,7 +74,8 @@ class _PixelsIn(nn.Module):
         return self.net((x - self.shift) / self.scale)
 
 
-def _trace(net: nn.Module, size: int, mean: Sequence[float], std: Sequence[float]) -> bytes:
+def _trace(net: nn.Module, size: int, mean: Sequence[float], std: Sequence[float],
+           outputs: Sequence[str] = (OUTPUT,)) -> bytes:
     """The fp32 ONNX graph of ``net`` behind the uint8 pixel input, as bytes."""
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the legacy exporter announces its own deprecation
@@ -86,8 +87,8 @@ def _trace(net: nn.Module, size: int, mean: Sequence[float], std: Sequence[float
             dynamo=False,
             opset_version=OPSET,
             input_names=[INPUT],
-            output_names=[OUTPUT],
-            dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+            output_names=list(outputs),
+            dynamic_axes={name: {0: "batch"} for name in (INPUT, *outputs)},
         )
     return buffer.getvalue()
 
@@ -101,15 +102,16 @@ def _onnx_bytes(model: CrackModel) -> bytes:
     return proto.SerializeToString()
 
 
-def frozen_runner(net: nn.Module, size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[np.ndarray], np.ndarray]:
-    """ONNX Runtime in place of a frozen (eval-mode) module: NxSxSx3 uint8 pixels -> its float32 output.
+def frozen_runner(net: nn.Module, size: int, mean: Sequence[float], std: Sequence[float],
+                  n_outputs: int = 2) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """ONNX Runtime in place of a frozen (eval-mode) module: NxSxSx3 uint8 pixels -> its float32 outputs.
 
-    Training uses it for the lower base, whose output is computed once per image and view and never
-    changes: ONNX Runtime runs that pass ~1.8x faster than eager PyTorch on 2 cores, and building the
+    Training uses it for the frozen base, whose outputs are computed once per image and view and never
+    change: ONNX Runtime runs that pass ~1.8x faster than eager PyTorch on 2 cores, and building the
     session takes under a second. Raises ImportError without onnxruntime.
     """
-    session = _session(_trace(net, size, mean, std))
-    return lambda pixels: session.run(None, {INPUT: np.ascontiguousarray(pixels, dtype=np.uint8)})[0]
+    session = _session(_trace(net, size, mean, std, [f"output{i}" for i in range(n_outputs)]))
+    return lambda pixels: session.run(None, {INPUT: np.ascontiguousarray(pixels, dtype=np.uint8)})
 
 
 def _set_metadata(proto: Any, meta: dict[str, Any]) -> None:

@@ -147,29 +147,43 @@ def new_run_dir(out: str | Path, name: str | None) -> Path:
 # The activation cache
 
 
-@torch.inference_mode()
-def run_lower(lower: nn.Module, pixels: np.ndarray, mean, std, batch_size: int, desc: str, quiet: bool,
-              runner: Callable[[np.ndarray], np.ndarray] | None = None) -> torch.Tensor:
-    """The frozen lower base over NxSxSx3 uint8 pixels -> float16 activations (half the memory).
+class _BaseOutputs(nn.Module):
+    """The frozen base as training needs it: lower activations (for fine-tuning) and pooled features (for the head)."""
 
-    ``runner`` (from :func:`crackscan.export.frozen_runner`) computes the same thing with ONNX Runtime.
+    def __init__(self, lower: nn.Module, upper_base: nn.Module):
+        super().__init__()
+        self.lower, self.upper_base = lower, upper_base
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        activations = self.lower(x)
+        return activations, self.upper_base(activations)
+
+
+@torch.inference_mode()
+def run_base(base: _BaseOutputs, pixels: np.ndarray, batch_size: int, desc: str, quiet: bool,
+             runner: Callable[[np.ndarray], list[np.ndarray]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen base over NxSxSx3 uint8 pixels -> (float16 lower activations, float32 pooled features).
+
+    ``runner`` (from :func:`crackscan.export.frozen_runner`) computes the same with ONNX Runtime.
     """
-    chunks = []
+    activations, pooled = [], []
     for start in tqdm(range(0, len(pixels), batch_size), desc=desc, unit="batch", disable=quiet, leave=False):
         batch = pixels[start : start + batch_size]
         if runner is not None:
-            chunks.append(torch.from_numpy(runner(batch)).to(torch.float16))
+            lower, features = (torch.from_numpy(a) for a in runner(batch))
         else:
-            chunks.append(lower(normalize_batch(batch, mean, std)).to(torch.float16))
-    return torch.cat(chunks)
+            lower, features = base(normalize_batch(batch, IMAGENET_MEAN, IMAGENET_STD))
+        activations.append(lower.to(torch.float16))
+        pooled.append(features.float())
+    return torch.cat(activations), torch.cat(pooled)
 
 
-def lower_runner(lower: nn.Module, size: int) -> Callable[[np.ndarray], np.ndarray] | None:
-    """ONNX Runtime for the frozen lower base when it is installed and exports; None means eager PyTorch."""
+def base_runner(base: _BaseOutputs, size: int) -> Callable[[np.ndarray], list[np.ndarray]] | None:
+    """ONNX Runtime for the frozen base when it is installed and exports; None means eager PyTorch."""
     try:
         from crackscan.export import frozen_runner
 
-        return frozen_runner(lower.eval(), size, IMAGENET_MEAN, IMAGENET_STD)
+        return frozen_runner(base.eval(), size, IMAGENET_MEAN, IMAGENET_STD)
     except ImportError:
         return None
     except Exception as err:  # an export problem costs speed, never the run
@@ -297,8 +311,8 @@ class Trainer:
         """Validation activations and the first training view; later views wait for their first epoch.
 
         View 0 is the training images as decoded (the eval preset), so the first epoch starts without
-        waiting for augmentation; views 1.. are augmented. Epoch ``e`` of the head phase draws from views
-        ``0..e`` (every view once the phase is that far), fine-tuning from all of them.
+        waiting for augmentation; views 1.. are augmented and join during the head phase
+        (:meth:`views_at`); fine-tuning draws from all of them.
         """
         c, ds = self.config, self.dataset
         t0 = time.perf_counter()
@@ -313,25 +327,33 @@ class Trainer:
         self.train_pixels = train_pixels
         shown = train_pixels[: min(16, len(train_pixels))]
         self.sample_views = augmented_view(shown, self.preset, 1, c.seed) if self.n_views > 1 else shown.copy()
-        self.lower.eval()
-        self.runner = lower_runner(self.lower, c.input_size)
-        self.views: list[torch.Tensor] = []
-        self.val_cache = run_lower(self.lower, ds.pixels[val_idx], IMAGENET_MEAN, IMAGENET_STD, 128, "base val", c.quiet,
-                                   self.runner)
+        upper_base = nn.Sequential(*list(self.upper.children())[:-1])  # everything but the head
+        self.base = _BaseOutputs(self.lower, upper_base).eval()
+        self.runner = base_runner(self.base, c.input_size)
+        self.views: list[torch.Tensor] = []  # lower activations per view, for fine-tuning
+        self.view_features: list[torch.Tensor] = []  # pooled features per view, for the head phase
+        self.val_cache, self.val_features = run_base(self.base, ds.pixels[val_idx], 128, "base val", c.quiet, self.runner)
         self.ensure_views(1)
         self.cache_seconds = time.perf_counter() - t0
 
     def ensure_views(self, n: int) -> None:
-        """Compute the lower-base activations of training views up to ``n`` (each is reproducible)."""
+        """Run the frozen base over training views up to ``n`` (each is reproducible)."""
         c = self.config
         for v in range(len(self.views), min(n, self.n_views)):
             # One view at a time: only its activations are kept, not the augmented pixels.
             pixels = self.train_pixels if v == 0 else augmented_view(self.train_pixels, self.preset, v, c.seed)
-            self.views.append(run_lower(self.lower, pixels, IMAGENET_MEAN, IMAGENET_STD, 128,
-                                        f"base view {v + 1}/{self.n_views}", c.quiet, self.runner))
+            activations, features = run_base(self.base, pixels, 128, f"base view {v + 1}/{self.n_views}", c.quiet,
+                                             self.runner)
+            self.views.append(activations)
+            self.view_features.append(features)
             del pixels
         if len(self.views) == self.n_views:
             self.train_pixels = self.runner = None  # every view is cached: pixels and session can go
+
+    def views_at(self, head_epoch: int) -> int:
+        """Views the head phase draws from in its epoch ``head_epoch`` (0-based): they join evenly spread
+        over the phase, so the first epochs need only view 0 and take a fraction of a second each."""
+        return min(self.n_views, 1 + head_epoch * self.n_views // max(1, self.config.head_epochs))
 
     def _add_hard_negatives(self, pixels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Append drawn man-made-line copies of a fraction of the training negatives (labelled negative)."""
@@ -346,13 +368,6 @@ class Trainer:
         extra = np.stack(drawn) if drawn else pixels[:0]
         self.n_hard_negatives = len(extra)
         return np.concatenate([pixels, extra]), np.concatenate([labels, np.full(len(extra), negative)])
-
-    @torch.inference_mode()
-    def _pooled(self, cache: torch.Tensor) -> torch.Tensor:
-        """Frozen upper base + pooling over a cache of lower activations -> N x 1280."""
-        upper_base = nn.Sequential(*list(self.upper.children())[:-1])  # everything but the head
-        upper_base.eval()
-        return torch.cat([upper_base(cache[i : i + 256].float()) for i in range(0, len(cache), 256)])
 
     # -- one epoch ----------------------------------------------------------------------------
     def _epoch(self, phase: str, epoch: int, opt, sched, inputs) -> tuple[float, float]:
@@ -425,17 +440,16 @@ class Trainer:
                 sched.load_state_dict(doc["scheduler"])
                 bad_epochs = doc["bad_epochs"]
             if phase == "head":
-                val_in, pooled = self._pooled(self.val_cache), []
+                val_in = self.val_features
             else:
                 self.ensure_views(self.n_views)
                 train_in, val_in = torch.stack(self.views), self.val_cache
+                self.views = list(train_in.unbind(0))  # share the stacked memory instead of holding it twice
             for phase_epoch in range(phase_epoch0, n_epochs):
                 t0 = time.perf_counter()
                 if phase == "head":
-                    # Views join one epoch at a time: the first epoch needs only view 0.
-                    self.ensure_views(phase_epoch + 1)
-                    pooled += [self._pooled(view) for view in self.views[len(pooled):phase_epoch + 1]]
-                    train_in = torch.stack(pooled)
+                    self.ensure_views(self.views_at(phase_epoch))
+                    train_in = torch.stack(self.view_features[: self.views_at(phase_epoch)])
                 lr_now = opt.param_groups[0]["lr"]
                 try:
                     train_loss, train_acc = self._epoch(phase, epoch, opt, sched, train_in)
@@ -590,18 +604,18 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     trainer.build_caches()
     extra = f" (+{trainer.n_hard_negatives} drawn hard negatives)" if trainer.n_hard_negatives else ""
     say(f"cached base activations for {counts['val']} validation and {counts['train']}{extra} training images "
-        f"in {trainer.cache_seconds:.1f}s; {trainer.n_views - 1} augmented view(s) follow, one per epoch")
-    if checkpoint is None:
-        plots.augmentation_grid(trainer.sample_views, run_dir / "augmentations.png")
-        _describe_architecture(model, config, run_dir, writer)
-        writer.add_images("augmented_samples", torch.from_numpy(trainer.sample_views).permute(0, 3, 1, 2), 0)
-
+        f"in {trainer.cache_seconds:.1f}s; {trainer.n_views - 1} augmented view(s) follow during the head phase")
     try:
         trainer.fit(resume=checkpoint)
     except KeyboardInterrupt:
         # Ctrl-C outside an epoch's batches (validation, checkpoint writing): the last checkpoint stands.
         raise TrainingInterrupted(run_dir, trainer.saved_epochs) from None
+    # Written after training (a few seconds of plotting the first epoch need not wait for), and by
+    # whichever part of a resumed run finishes.
+    plots.augmentation_grid(trainer.sample_views, run_dir / "augmentations.png")
+    writer.add_images("augmented_samples", torch.from_numpy(trainer.sample_views).permute(0, 3, 1, 2), 0)
     best = load_file(str(run_dir / "best.safetensors"))
+    _describe_architecture(model, config, run_dir, writer)
     model.load_state_dict(best)
     model.eval()
 
@@ -620,13 +634,13 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     crack_model = CrackModel(module=model.to(memory_format=torch.channels_last), meta=meta)
     val_idx, test_idx = dataset.indices("val"), dataset.indices("test")
     if config.target_recall is not None:
-        val_prob = crack_model.crack_probability(dataset.pixels[val_idx], backend="torch")
+        val_prob = crack_model.crack_probability(dataset.pixels[val_idx])
         y_val = (dataset.labels(val_idx) == dataset.crack_index).astype(int)
         meta["threshold"] = threshold_for_recall(y_val, val_prob, config.target_recall)
         meta["threshold_source"] = f"validation split, target recall {config.target_recall}"
     metrics: dict[str, Any] = {}
     if len(test_idx):
-        prob = crack_model.crack_probability(dataset.pixels[test_idx], backend="torch")
+        prob = crack_model.crack_probability(dataset.pixels[test_idx])
         y = (dataset.labels(test_idx) == dataset.crack_index).astype(int)
         groups = [dataset.samples[i].group for i in test_idx]
         files = [dataset.samples[i].rel for i in test_idx]

@@ -113,9 +113,14 @@ def man_made_negative(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarra
     cover = Image.new("L", (s, s), 0)
     ink, mask = ImageDraw.Draw(shade), ImageDraw.Draw(cover)
 
-    def line(points, tone: int, width: int) -> None:
-        ink.line(points, fill=tone, width=width, joint="curve")
-        mask.line(points, fill=255, width=width, joint="curve")
+    def band(curve: np.ndarray, tone: int, width: float) -> None:
+        """A smooth curve of even width, as one polygon (its two sides offset along the normals)."""
+        tangent = np.gradient(curve, axis=0)
+        normal = np.stack([-tangent[:, 1], tangent[:, 0]], axis=1)
+        normal *= width / 2 / np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-6)
+        outline = [tuple(map(float, q)) for q in np.concatenate([curve + normal, (curve - normal)[::-1]])]
+        ink.polygon(outline, fill=tone)
+        mask.polygon(outline, fill=255)
 
     kind = rng.choice(["cables", "edge", "joint"], p=[0.5, 0.3, 0.2])
     if kind == "cables":
@@ -132,11 +137,10 @@ def man_made_negative(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarra
         for k in range(int(rng.integers(1, 4))):
             offset = normal * k * width * rng.uniform(1.05, 1.4)
             curve = (1 - t) ** 2 * (p0 + offset) + 2 * (1 - t) * t * (p1 + offset) + t**2 * (p2 + offset)
-            points = [tuple(map(float, q)) for q in curve]
             tone = int(np.clip(base + rng.normal(0, 12), 0, 255))
-            line(points, tone, width)
+            band(curve, tone, width)
             highlight = int(np.clip(tone + rng.uniform(25, 70), 0, 255))  # a round cable's specular band
-            line(points, highlight, max(1, width // 4))
+            band(curve, highlight, max(1, width // 4))
     else:
         angle = rng.uniform(0, np.pi)
         centre = rng.uniform(0.25, 0.75, 2) * s
@@ -149,7 +153,7 @@ def man_made_negative(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarra
             ink.polygon(corners, fill=tone)
             mask.polygon(corners, fill=255)
         else:  # a straight, even joint or groove
-            line([tuple(a), tuple(b)], int(rng.integers(20, 90)), int(rng.uniform(0.02, 0.06) * s))
+            band(np.stack([a, b]), int(rng.integers(20, 90)), rng.uniform(0.02, 0.06) * s)
     coverage = np.asarray(cover.reduce(up), dtype=np.float32)[..., None] / 255.0
     # Shrunk shade is premultiplied by coverage; dividing it back out gives the drawn tone at the edges.
     drawn = np.asarray(shade.reduce(up), dtype=np.float32)[..., None] / np.maximum(coverage, 1 / 255.0)
