@@ -91,8 +91,8 @@ def write_card(run: Path, scans: list[dict], data: Path, metrics: dict[str, dict
     wall_line = ""
     if wall and wall[0]["is_crack"]:
         wall_line = (f"\nThe wall photo has no crack: its {len(wall[0]['regions'])} flagged region(s) "
-                     f"({wall[0]['flagged_fraction']:.1%} of the photo) are false alarms on cable ends, the dark edge "
-                     "and objects in the corner (overlays: RUN/photos/, written by this script).\n")
+                     f"({wall[0]['flagged_fraction']:.1%} of the photo) are false alarms: look at the overlays "
+                     "(RUN/photos/, written by this script) to see on what.\n")
     with open(run / "split.csv") as handle:
         counts["train"] = sum(1 for line in handle if ",train," in line)
     c = m["confusion"]
@@ -120,7 +120,7 @@ All figures below are written by `scripts/ship_model.py` from the run it trains;
 - Training: phase 1 (frozen base, head only) up to {cfg['head_epochs']} epochs at lr {cfg['head_lr']}; phase 2
   (features[{cfg['unfreeze_from']}:] + head) up to {cfg['finetune_epochs']} epochs at lr {cfg['finetune_lr']},
   AdamW, cosine schedule, BatchNorm {cfg['batchnorm']}, early stopping on validation loss (best epoch
-  {meta['best_epoch']}), augmentation {cfg['augment']}, {cfg['views']} cached views per image, seed {cfg['seed']}.
+  {meta['best_epoch']}), augmentation {cfg['augment']}, {cfg['views']} cached views per image (the decoded image, then augmented ones), seed {cfg['seed']}.
   Drawn hard negatives (cables, straight edges, joints) added for {cfg.get('hard_negatives', 0):.0%} of the
   training negatives. Wall time of this run {meta['train_seconds']:.0f} s (on a 2-core machine that was busy with
   other jobs; `benchmarks/train_speed.py` measures training time alone).
