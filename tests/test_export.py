@@ -158,3 +158,29 @@ def test_export_cli(tiny_model_path, tmp_path, capsys):
     assert OnnxRunner.from_file(tmp_path / "cli.onnx").meta == load_model(tiny_model_path).meta
     assert main(["export", str(tiny_model_path), "--int8", "-o", str(tmp_path / "q.onnx")]) == 2
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_exported_files_are_models_for_predict_and_evaluate(model, patches, fp32_export, tmp_path, capsys):
+    # An exported file (fp32 here, int8 the same way) is a model: predict and evaluate take it and run
+    # it with ONNX Runtime; commands that need the network say so in one line.
+    _, path = fp32_export
+    onnx_model = load_model(path)
+    assert onnx_model.module is None and onnx_model.meta == model.meta
+    pixels = np.stack([load_patch(p, model.input_size) for p in patches])
+    np.testing.assert_allclose(onnx_model.crack_probability(pixels), model.crack_probability(pixels, backend="torch"),
+                               atol=1e-4)
+    with pytest.raises(ModelError, match="needs the PyTorch model"):
+        onnx_model.crack_probability(pixels, backend="torch")
+
+    assert main(["predict", str(path), *map(str, patches[:4]), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    expected = model.crack_probability(pixels[:4], backend="torch")
+    assert [r["crack_probability"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-4)
+
+    data = patches[0].parent.parent
+    assert main(["evaluate", str(path), str(data), "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == len(patches)
+
+    capsys.readouterr()
+    assert main(["scan", str(path), str(patches[0]), "--out", str(tmp_path / "scan")]) == 2
+    assert "scan needs the PyTorch model" in capsys.readouterr().err

@@ -171,10 +171,10 @@ def _version() -> str:
 
 
 def _split_model(paths: list[str], model: str | None) -> tuple[str | None, list[str]]:
-    """``[MODEL] PATH...``: a leading .safetensors file or run folder is the model."""
+    """``[MODEL] PATH...``: a leading .safetensors or .onnx file, or a run folder, is the model."""
     if model is None and len(paths) > 1:
         first = Path(paths[0])
-        if first.suffix == ".safetensors" or (first.is_dir() and (first / "model.safetensors").is_file()):
+        if first.suffix in (".safetensors", ".onnx") or (first.is_dir() and (first / "model.safetensors").is_file()):
             return paths[0], paths[1:]
     return model, paths
 
@@ -368,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_allocator()
     try:
         return COMMANDS[args.command](args)
-    except (DataError, ModelError, ImageError, FileNotFoundError, ValueError) as err:
+    except (DataError, ModelError, ImageError, OSError, ValueError) as err:
         _err(str(err))
         return EXIT_ERROR
     except KeyboardInterrupt:

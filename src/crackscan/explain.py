@@ -42,7 +42,7 @@ def gradcam(model: CrackModel, pixels: np.ndarray) -> tuple[float, np.ndarray]:
         ``(probability, heat)``: the crack probability, and an HxW float32 map in [0, 1] (1 = the
         strongest evidence for a crack in this patch; all zeros when there is none).
     """
-    module = model.module
+    module = model.network("Grad-CAM")
     height, width = pixels.shape[:2]
     batch = model.preprocess(np.array(pixels, dtype=np.uint8)[None])  # a writable copy: torch warns on read-only arrays
     # inference_mode(False): callers may sit inside torch.inference_mode(), where nothing can need a gradient.

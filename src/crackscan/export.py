@@ -97,7 +97,7 @@ def _onnx_bytes(model: CrackModel) -> bytes:
     """The fp32 ONNX graph of a model, with its metadata, as bytes."""
     import onnx
 
-    proto = onnx.load_from_string(_trace(model.module, model.input_size, model.mean, model.std))
+    proto = onnx.load_from_string(_trace(model.network("export"), model.input_size, model.mean, model.std))
     _set_metadata(proto, model.meta)
     return proto.SerializeToString()
 
@@ -164,7 +164,7 @@ def model_digest(model: CrackModel) -> str:
     """A hash of the weights and metadata (and exporter): the cache key of a model's ONNX graph."""
     h = hashlib.sha256(json.dumps(model.meta, sort_keys=True).encode())
     h.update(f"{torch.__version__} opset {OPSET} graph {GRAPH_VERSION}".encode())
-    for name, tensor in model.module.state_dict().items():
+    for name, tensor in model.network("export").state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:24]

@@ -150,11 +150,12 @@ class CrackModel:
     """A loaded classifier and its metadata: what every command uses.
 
     Attributes:
-        module: The PyTorch network, in eval mode, channels_last.
+        module: The PyTorch network, in eval mode, channels_last; None for a model loaded from an
+            exported ONNX file (fp32 or int8), which classifies patches with ONNX Runtime only.
         meta: The metadata document stored with the weights.
     """
 
-    module: nn.Module
+    module: nn.Module | None
     meta: dict[str, Any]
     path: str = ""
     _onnx: Any = field(default=None, repr=False)
@@ -195,6 +196,13 @@ class CrackModel:
         others = [c for i, c in enumerate(self.classes) if i != self.crack_index]
         return others[0]
 
+    def network(self, purpose: str) -> nn.Module:
+        """The PyTorch network, or a ModelError naming what needs it when this model is an ONNX file."""
+        if self.module is None:
+            raise ModelError(f"{self.path}: {purpose} needs the PyTorch model (.safetensors); an exported ONNX "
+                             "file only classifies patches (predict, evaluate)")
+        return self.module
+
     def preprocess(self, pixels: np.ndarray) -> torch.Tensor:
         """NxHxWx3 uint8 at the input size -> normalised float batch."""
         return normalize_batch(pixels, self.mean, self.std)
@@ -202,7 +210,7 @@ class CrackModel:
     @torch.inference_mode()
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """Raw logits for NxHxWx3 uint8 patches at the input size, with the PyTorch network."""
-        return self.module(self.preprocess(pixels)).float().numpy()
+        return self.network("the torch backend")(self.preprocess(pixels)).float().numpy()
 
     def crack_probability(self, pixels: np.ndarray, backend: str = "auto") -> np.ndarray:
         """Crack probabilities for NxHxWx3 uint8 patches at the input size.
@@ -213,7 +221,7 @@ class CrackModel:
         """
         if len(pixels) == 0:
             return np.zeros(0, dtype=np.float32)
-        if resolve_backend(backend) == "onnx":
+        if resolve_backend(backend) == "onnx" or (self.module is None and backend == "auto"):
             if self._onnx is None:
                 from crackscan.export import OnnxRunner
 
@@ -243,7 +251,7 @@ class CrackModel:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write weights and metadata to one ``.safetensors`` file (atomically)."""
-        return save_model(path, self.module, self.meta)
+        return save_model(path, self.network("saving"), self.meta)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -398,6 +406,11 @@ def default_model_path() -> Path:
 def load_model(path: str | os.PathLike | None = None) -> CrackModel:
     """Load a crackscan model file (the shipped model when ``path`` is None).
 
+    ``.safetensors`` files (and run folders) give the PyTorch network, which every command can use.
+    ``.onnx`` files from ``crackscan export`` (fp32 or int8) classify patches with ONNX Runtime:
+    ``predict``, ``evaluate`` and :meth:`CrackModel.crack_probability` work; ``scan``, ``explain`` and
+    ``export`` need the network and say so.
+
     Raises:
         ModelError: The file is missing, not a crackscan model, or its tensors don't fit its metadata.
     """
@@ -409,8 +422,15 @@ def load_model(path: str | os.PathLike | None = None) -> CrackModel:
         path = candidate
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
+    if path.suffix == ".onnx":
+        # An exported model (e.g. `crackscan export --int8`): its metadata travels inside the file.
+        from crackscan.export import OnnxRunner
+
+        runner = OnnxRunner.from_file(path)
+        return CrackModel(module=None, meta=runner.meta, path=str(path), _onnx=runner)
     if path.suffix != ".safetensors":
-        raise ModelError(f"{path}: crackscan models are .safetensors files (no pickle is ever loaded)")
+        raise ModelError(f"{path}: crackscan models are .safetensors files, or .onnx files written by "
+                         "`crackscan export` (no pickle is ever loaded)")
     meta = read_meta(path)
     _check_meta(str(path), meta)
     module = build_model(num_classes=len(meta["classes"]), dropout=float(meta.get("dropout", 0.2)))

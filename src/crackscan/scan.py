@@ -346,9 +346,10 @@ def _stages(model: CrackModel) -> list[_Stage]:
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    stages = _FUSED.get(model.module)
+    network = model.network("scan")
+    stages = _FUSED.get(network)
     if stages is None:
-        fused = copy.deepcopy(model.module.features).eval()
+        fused = copy.deepcopy(network.features).eval()
         for parent in fused.modules():
             children = list(parent.named_children())
             for (name, conv), (bn_name, bn) in zip(children, children[1:]):
@@ -358,7 +359,7 @@ def _stages(model: CrackModel) -> list[_Stage]:
         fused.requires_grad_(False).to(memory_format=torch.channels_last)
         bounds = list(_STAGE_STARTS) + [len(fused)]
         stages = [_describe_stage(fused[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-        _FUSED[model.module] = stages
+        _FUSED[network] = stages
     return stages
 
 
@@ -427,7 +428,7 @@ def cell_logits(model: CrackModel, pixels: np.ndarray, *, max_values: int = TILE
     pass over the whole image, while memory stays bounded by ``max_values``.
     """
     first, *rest = _stages(model)
-    weight = model.module.classifier[-1].weight.detach().float()[:, :, None, None]
+    weight = model.network("scan").classifier[-1].weight.detach().float()[:, :, None, None]
 
     def read_pixels(y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
         return model.preprocess(np.array(pixels[y0:y1, x0:x1])[None])  # a writable copy of the tile
@@ -450,7 +451,7 @@ def _dense_map(model: CrackModel, work: np.ndarray, grid: _Grid, **tiling: Any) 
     logits = cell_logits(model, work, **tiling)
     cells = max(1, round(grid.window / NETWORK_STRIDE))
     pooled = F.avg_pool2d(logits[None], cells, stride=grid.step // NETWORK_STRIDE)[0]
-    pooled = pooled + model.module.classifier[-1].bias.detach().float()[:, None, None]
+    pooled = pooled + model.network("scan").classifier[-1].bias.detach().float()[:, None, None]
     probability = torch.softmax(pooled, dim=0)[model.crack_index].numpy().astype(np.float32)
     assert probability.shape == (grid.rows, grid.cols), (probability.shape, grid)
     return probability
@@ -810,6 +811,7 @@ def scan_paths(
         quiet: No per-photo progress line on standard output.
     """
     _check(patch_size, stride, threshold, method, verify)
+    model.network("scan")  # once, before any file: an ONNX-only model cannot scan
     if map_kind not in MAP_KINDS:
         raise ValueError(f"unknown map kind {map_kind!r}: use {' or '.join(MAP_KINDS)}")
     out_dir = Path(out_dir)
