@@ -127,14 +127,11 @@ def worker_crackscan(files: list[Path], seconds: float, model_path: str, backend
     from crackscan.runtime import tune_allocator
 
     tune_allocator()  # what the CLI does at start
-    from crackscan.export import OnnxRunner
     from crackscan.model import load_model
     from crackscan.predict import predict_sources
 
-    model = load_model(model_path)
-    if int8:
-        # CrackModel has no public switch to an int8 graph yet; the runner slot is where the onnx backend looks.
-        model._onnx = OnnxRunner.from_file(int8)
+    # An int8 export is itself a model file (ONNX Runtime only), as `crackscan predict model.int8.onnx` loads it.
+    model = load_model(int8 or model_path)
     list(predict_sources(model, files[:batch], batch_size=batch, backend=backend))  # warm-up
     n, t0 = 0, time.perf_counter()
     # Round and round the files until time is up (the OS page cache holds them either way).
