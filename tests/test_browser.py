@@ -130,7 +130,8 @@ def test_upload_shows_verdict_overlay_and_slider_redraws(browser, server, photo_
     page.keyboard.press("End")
     assert page.inner_text("#verdict") == "NO CRACK" and page.locator("#regions li").count() == 0
     _, _, at_one = page.evaluate(CANVAS_DIGEST)
-    assert len({first, at_zero, at_one}) == 3, "the canvas was not redrawn when the slider moved"
+    # (The first map may equal one of the two: verification can leave nothing flagged at the threshold.)
+    assert at_zero != at_one and len({first, at_zero, at_one}) >= 2, "the canvas was not redrawn when the slider moved"
 
     # Somewhere in between, the map splits into several regions: the client-side grouping at work.
     counts = {}

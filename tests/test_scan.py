@@ -168,6 +168,11 @@ def test_verification_confirms_region_borders_with_crops(head_model, tmp_path):
     assert checked.flagged_fraction < raw.flagged_fraction
     assert checked.to_dict()["verified_cells"] == checked.verified
 
+    # Verification works at the model's threshold; another threshold only judges the same map.
+    low = scan_photo(head_model, path, stride=57, threshold=0.2)
+    np.testing.assert_array_equal(low.probability, checked.probability)
+    assert low.regions == checked.with_threshold(0.2).regions and low.verified == checked.verified
+
     few = scan_photo(head_model, path, stride=57, threshold=0.5, verify=2)
     assert few.verified == 2
     assert int((~np.isclose(few.probability, raw.probability, atol=1e-6)).sum()) <= 2

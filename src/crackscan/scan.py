@@ -550,7 +550,9 @@ def scan_scaled(
     if method == "dense":
         probability = _dense_map(model, work, grid, **tiling)
         if verify:
-            verified, rejected = _verify_borders(model, work, grid, probability, threshold, verify)
+            # At the model's own threshold whatever the caller judges at, so that the map, and what the
+            # web page's slider redraws from it, is one map: scan(threshold=t) == scan().with_threshold(t).
+            verified, rejected = _verify_borders(model, work, grid, probability, model.threshold, verify)
     else:
         probability = _crops_map(model, work, grid)
     # Photo-pixel geometry from the actual resize ratio (it differs from ``scale`` by rounding only).
@@ -593,8 +595,8 @@ def scan_photo(
             pixels). Default: one cell.
         threshold: Flag cells at or above this probability (default: the model's threshold).
         method: ``"dense"`` (one pass of the base, fast) or ``"crops"`` (every patch classified alone).
-        verify: Dense method only: at most this many crops re-classify the flagged regions' borders
-            (:func:`_verify_borders`); 0 keeps the raw dense map.
+        verify: Dense method only: at most this many crops re-classify the borders of the regions
+            flagged at the model's threshold (:func:`_verify_borders`); 0 keeps the raw dense map.
         max_pixels: Refuse photos, and scaled photos, larger than this (decompression-bomb guard).
 
     Raises:
@@ -805,8 +807,8 @@ def scan_paths(
         stride: Photo pixels between map cells (default: one network cell).
         threshold: Decision threshold (default: the model's).
         method: ``"dense"`` or ``"crops"``.
-        verify: Dense method only: at most this many crops re-classify the flagged regions' borders
-            (:func:`_verify_borders`); 0 keeps the raw dense map.
+        verify: Dense method only: at most this many crops re-classify the borders of the regions
+            flagged at the model's threshold (:func:`_verify_borders`); 0 keeps the raw dense map.
         map_kind: What the overlay shows: ``"probability"`` or ``"gradcam"``.
         quiet: No per-photo progress line on standard output.
     """
