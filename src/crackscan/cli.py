@@ -132,12 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--patch-size", type=_positive_int, default=227,
                    help="side of one classified patch in photo pixels (default 227, the training scale)")
     s.add_argument("--stride", type=_positive_int, help="map step in photo pixels (default: the network's own)")
-    s.add_argument("--threshold", type=_probability, help="override the model's decision threshold")
+    s.add_argument("--threshold", type=_probability,
+                   help="judge the map at this threshold instead of the model's (verification stays at the model's)")
     s.add_argument("--method", choices=("dense", "crops"), default="dense",
                    help="dense: one pass of the base over the photo (fast); crops: classify crops one by one")
     s.add_argument("--verify", type=_non_negative_int, metavar="N",
-                   help="dense only: classify up to N flagged border cells as crops, from each region's edge "
-                        "inwards, to trim what the dense map flags beside a crack (default 256; 0: off)")
+                   help="dense only: classify up to N border cells of the regions flagged at the model's "
+                        "threshold as crops, from each region's edge inwards, to trim what the dense map flags "
+                        "beside a crack (default 256; 0: off)")
     s.add_argument("--map", dest="map_kind", choices=("probability", "gradcam"), default="probability",
                    help="what the overlay shows")
     s.add_argument("--quiet", action="store_true")
@@ -368,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_allocator()
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # e.g. `crackscan predict ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return EXIT_OK
     except (DataError, ModelError, ImageError, OSError, ValueError) as err:
         _err(str(err))
         return EXIT_ERROR

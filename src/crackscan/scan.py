@@ -92,7 +92,8 @@ class ScanResult:
             ``area_fraction``.
         seconds: Wall time of decoding plus scanning.
         verified: Cells the dense method re-classified as crops (their map values are the crops').
-        rejected: Of those, the ones the crops did not confirm.
+        rejected: Of those, the ones whose crop falls below the model's threshold (verification always
+            works at the model's threshold; ``threshold`` then judges the verified map).
     """
 
     source: str
@@ -464,14 +465,14 @@ def _crops(work: np.ndarray, grid: _Grid, cells: Sequence[tuple[int, int]]) -> n
 
 
 def _verify_borders(model: CrackModel, work: np.ndarray, grid: _Grid, probability: np.ndarray, threshold: float,
-                    budget: int) -> tuple[int, int]:
+                    budget: int, backend: str = "auto") -> tuple[int, int]:
     """Re-classify flagged cells as crops, from each region's border inwards; updates ``probability``.
 
     A round takes the flagged, unverified cells with an unflagged neighbour (8-neighbourhood; outside the
-    map counts as unflagged) and puts
-    their crop probability in the map. Cells the crops reject are unflagged, which exposes the cells
-    behind them to the next round. It ends when every border is confirmed or ``budget`` crops were used
-    (the closest-to-unflagged first, so a spent budget leaves interiors, not edges, unverified).
+    map counts as unflagged) and puts their crop probability in the map. Cells the crops reject are
+    unflagged, which exposes the cells behind them to the next round. It ends when every border is
+    confirmed or ``budget`` crops were used. Rounds go from the outside in, so a spent budget leaves
+    interiors unverified; within the last round the weakest cells (the likeliest to be rejected) go first.
 
     Returns:
         ``(verified, rejected)`` cell counts.
@@ -485,16 +486,17 @@ def _verify_borders(model: CrackModel, work: np.ndarray, grid: _Grid, probabilit
         # border_value=1: beyond the map's edge counts as unflagged, so a map flagged everywhere is
         # peeled from its edges too.
         border = flagged & ~verified & ndimage.binary_dilation(~flagged, structure=ring, border_value=1)
-        cells = list(zip(*np.nonzero(border)))[: budget - int(verified.sum())]
-        if not cells:
+        rows, cols = np.nonzero(border)
+        if not len(rows):
             break
-        crops = _crops(work, grid, cells)
-        crop_probability = np.concatenate([model.crack_probability(crops[k:k + CROP_BATCH * 4])
-                                           for k in range(0, len(crops), CROP_BATCH * 4)])
-        for (i, j), value in zip(cells, crop_probability):
-            probability[i, j] = value
-            verified[i, j] = True
-            rejected += int(value < threshold)
+        weakest = np.argsort(probability[rows, cols], kind="stable")[: budget - int(verified.sum())]
+        cells = list(zip(rows[weakest], cols[weakest]))
+        for start in range(0, len(cells), CROP_BATCH * 4):  # crops are cut batch by batch: bounded memory
+            chunk = cells[start:start + CROP_BATCH * 4]
+            for (i, j), value in zip(chunk, model.crack_probability(_crops(work, grid, chunk), backend)):
+                probability[i, j] = value
+                verified[i, j] = True
+                rejected += int(value < threshold)
     return int(verified.sum()), rejected
 
 
@@ -531,12 +533,14 @@ def scan_scaled(
     method: str = "dense",
     verify: int = VERIFY_CROPS,
     source: str = "<image>",
+    backend: str = "auto",
     **tiling: Any,
 ) -> ScanResult:
     """Scan a photo that is already decoded and scaled by ``model.input_size / patch_size``.
 
     :func:`scan_photo` decodes and calls this; callers that keep the decoded image (the overlay, the web
-    service) use it directly. ``tiling`` passes ``max_values`` to :func:`cell_logits`.
+    service) use it directly. ``backend`` is the one verification's crops use (see
+    :meth:`CrackModel.crack_probability`); ``tiling`` passes ``max_values`` to :func:`cell_logits`.
     """
     _check(patch_size, stride, threshold, method, verify)
     started = time.perf_counter()
@@ -552,7 +556,7 @@ def scan_scaled(
         if verify:
             # At the model's own threshold whatever the caller judges at, so that the map, and what the
             # web page's slider redraws from it, is one map: scan(threshold=t) == scan().with_threshold(t).
-            verified, rejected = _verify_borders(model, work, grid, probability, model.threshold, verify)
+            verified, rejected = _verify_borders(model, work, grid, probability, model.threshold, verify, backend)
     else:
         probability = _crops_map(model, work, grid)
     # Photo-pixel geometry from the actual resize ratio (it differs from ``scale`` by rounding only).

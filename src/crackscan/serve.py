@@ -245,7 +245,8 @@ def classify(model: CrackModel, data: bytes, name: str, backend: str) -> float:
     return float(model.crack_probability(pixels[None], backend)[0])
 
 
-def scan_upload(model: CrackModel, data: bytes, name: str, patch_size: int, threshold: float | None) -> dict[str, Any]:
+def scan_upload(model: CrackModel, data: bytes, name: str, patch_size: int, threshold: float | None,
+                backend: str = "auto") -> dict[str, Any]:
     """Scan one uploaded photo: the summary plus the overlay, the photo and the map as data URLs."""
     from crackscan.scan import decode_scaled, probability_png, render_overlay, scan_scaled
 
@@ -254,7 +255,8 @@ def scan_upload(model: CrackModel, data: bytes, name: str, patch_size: int, thre
         scaled, photo_size = decode_scaled(data, model.input_size / patch_size)
     except ImageError as err:
         raise ImageError(name, err.reason) from None
-    result = scan_scaled(model, scaled, photo_size, patch_size=patch_size, threshold=threshold, source=name)
+    result = scan_scaled(model, scaled, photo_size, patch_size=patch_size, threshold=threshold, source=name,
+                         backend=backend)
     result.seconds = time.perf_counter() - started
     overlay = render_overlay(scaled, result, max_side=IMAGE_SIDE)
     photo = scaled.copy()
@@ -334,7 +336,7 @@ def create_app(
         max_concurrency: Requests decoded and run through the model at the same time.
         max_queue: Admitted requests allowed to wait for a worker; beyond that, 503 with Retry-After.
         backend: Inference backend for /predict (``"torch"``, ``"onnx"`` or ``"auto"``, see
-            :func:`crackscan.model.resolve_backend`); /scan always uses PyTorch's dense pass.
+            :func:`crackscan.model.resolve_backend`); /scan uses PyTorch's dense pass, then this backend for its verification crops.
         read_timeout: Seconds a client may pause while sending its body before it is answered 408
             (a stalled upload would otherwise hold its admission slot).
 
@@ -411,7 +413,7 @@ def create_app(
         model: CrackModel = request.app.state.model
         name = safe_filename(photo.filename)
         data = await photo.read()
-        result = await work(scan_upload, model, data, name, patch_size, threshold)
+        result = await work(scan_upload, model, data, name, patch_size, threshold, backend)
         return result | {"model": request.app.state.model_name}
 
     @app.get("/model", summary="The model's metadata")
@@ -448,8 +450,8 @@ def _warm_up(model: CrackModel, backend: str) -> None:
     from crackscan.scan import scan_scaled
 
     grey = np.full((1, model.input_size, model.input_size, 3), 128, dtype=np.uint8)
-    model.crack_probability(grey, backend)
-    scan_scaled(model, grey[0], (model.input_size, model.input_size), patch_size=model.input_size)
+    model.crack_probability(grey, backend)  # also builds the runner a scan's verification crops use
+    scan_scaled(model, grey[0], (model.input_size, model.input_size), patch_size=model.input_size, backend=backend)
 
 
 def _version() -> str:

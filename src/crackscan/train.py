@@ -312,7 +312,7 @@ class Trainer:
 
         View 0 is the training images as decoded (the eval preset), so the first epoch starts without
         waiting for augmentation; views 1.. are augmented and join during the head phase
-        (:meth:`views_at`); fine-tuning draws from all of them.
+        (:meth:`views_at`), or when fine-tuning starts; fine-tuning draws from all of them.
         """
         c, ds = self.config, self.dataset
         t0 = time.perf_counter()
@@ -352,7 +352,9 @@ class Trainer:
 
     def views_at(self, head_epoch: int) -> int:
         """Views the head phase draws from in its epoch ``head_epoch`` (0-based): they join evenly spread
-        over the phase, so the first epochs need only view 0 and take a fraction of a second each."""
+        over the phase, so the first epochs need only view 0 and take a fraction of a second each. Views
+        the head phase does not reach (it stopped early, or has fewer epochs than views) are cached when
+        fine-tuning starts."""
         return min(self.n_views, 1 + head_epoch * self.n_views // max(1, self.config.head_epochs))
 
     def _add_hard_negatives(self, pixels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -361,10 +363,11 @@ class Trainer:
         rng = np.random.default_rng(self.config.seed + 17)
         pool = np.flatnonzero(labels == negative)
         chosen = rng.choice(pool, size=min(len(pool), round(self.config.hard_negatives * len(pool))), replace=False)
-        # One generator per image (reproducible in any order); PIL drawing releases the GIL, so threads help.
-        with ThreadPoolExecutor(max_workers=cpu_count()) as pool:
-            drawn = list(pool.map(lambda i: man_made_negative(pixels[i], np.random.default_rng([self.config.seed, 17, i])),
-                                  chosen))
+        # One generator per image (reproducible in any order); PIL's shrinking and blurring release the
+        # GIL, so two threads help.
+        with ThreadPoolExecutor(max_workers=cpu_count()) as workers:
+            drawn = list(workers.map(
+                lambda i: man_made_negative(pixels[i], np.random.default_rng([self.config.seed, 17, i])), chosen))
         extra = np.stack(drawn) if drawn else pixels[:0]
         self.n_hard_negatives = len(extra)
         return np.concatenate([pixels, extra]), np.concatenate([labels, np.full(len(extra), negative)])
@@ -431,6 +434,11 @@ class Trainer:
             if n_epochs <= 0:
                 continue
             lr = c.head_lr if phase == "head" else c.finetune_lr
+            if phase == "finetune":
+                # Views the head phase did not reach (early stop, few head epochs) are cached now, while
+                # every block is still in eval mode; the pooled features are not needed any more.
+                self.ensure_views(self.n_views)
+                self.view_features = []
             params = _set_trainable(self.model, c.unfreeze_from, phase, c.batchnorm)
             opt, sched = _make_optimizer(params, lr, c.weight_decay, n_epochs * steps_per_epoch)
             bad_epochs = 0
@@ -442,7 +450,6 @@ class Trainer:
             if phase == "head":
                 val_in = self.val_features
             else:
-                self.ensure_views(self.n_views)
                 train_in, val_in = torch.stack(self.views), self.val_cache
                 self.views = list(train_in.unbind(0))  # share the stacked memory instead of holding it twice
             for phase_epoch in range(phase_epoch0, n_epochs):
@@ -604,18 +611,24 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     trainer.build_caches()
     extra = f" (+{trainer.n_hard_negatives} drawn hard negatives)" if trainer.n_hard_negatives else ""
     say(f"cached base activations for {counts['val']} validation and {counts['train']}{extra} training images "
-        f"in {trainer.cache_seconds:.1f}s; {trainer.n_views - 1} augmented view(s) follow during the head phase")
+        f"in {trainer.cache_seconds:.1f}s; {trainer.n_views - 1} augmented view(s) follow during training")
     try:
         trainer.fit(resume=checkpoint)
     except KeyboardInterrupt:
         # Ctrl-C outside an epoch's batches (validation, checkpoint writing): the last checkpoint stands.
         raise TrainingInterrupted(run_dir, trainer.saved_epochs) from None
     # Written after training (a few seconds of plotting the first epoch need not wait for), and by
-    # whichever part of a resumed run finishes.
-    plots.augmentation_grid(trainer.sample_views, run_dir / "augmentations.png")
-    writer.add_images("augmented_samples", torch.from_numpy(trainer.sample_views).permute(0, 3, 1, 2), 0)
+    # whichever part of a resumed run finishes. Niceties: a failure here must not cost the model file.
+    try:
+        plots.augmentation_grid(trainer.sample_views, run_dir / "augmentations.png")
+        writer.add_images("augmented_samples", torch.from_numpy(trainer.sample_views).permute(0, 3, 1, 2), 0)
+    except Exception as err:
+        warnings.warn(f"augmentation samples not written ({type(err).__name__}: {err})")
     best = load_file(str(run_dir / "best.safetensors"))
-    _describe_architecture(model, config, run_dir, writer)
+    try:
+        _describe_architecture(model, config, run_dir, writer)
+    except Exception as err:
+        warnings.warn(f"architecture summary not written ({type(err).__name__}: {err})")
     model.load_state_dict(best)
     model.eval()
 
