@@ -84,3 +84,9 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; outside Linux, no fork issue
+
+
+def scan_options(variant: str) -> dict[str, Any]:
+    """Keyword arguments of a scan for a benchmark variant: "dense" (scan's default, borders verified by
+    crops), "dense-raw" (the dense map before verification) or "crops"."""
+    return {"method": "dense", "verify": 0} if variant == "dense-raw" else {"method": variant}

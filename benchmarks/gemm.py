@@ -78,6 +78,11 @@ def _ort_matmul_integer(n: int):
     return session, feed
 
 
+def fp32_limit(machine: dict[str, float | str]) -> float:
+    """The machine's fp32 limit: the faster of the two measured GEMMs (numpy's BLAS beat torch.mm here)."""
+    return max(float(machine["fp32_torch_gflops"]), float(machine["fp32_numpy_gflops"]))
+
+
 def gemm_rates(quick: bool = False) -> dict[str, float | str]:
     """Measured GEMM rates on this machine, in G(FL)OP/s.
 
@@ -156,7 +161,7 @@ def main() -> None:
     if args.quick:
         args.sizes, args.seconds = [128], 1.0
     machine = gemm_rates(args.quick)
-    fp32_peak = max(float(machine["fp32_torch_gflops"]), float(machine["fp32_numpy_gflops"]))
+    fp32_peak = fp32_limit(machine)
     int8_peak = machine.get("int8_onnxruntime_gops")
     rows = []
     for size in args.sizes:

@@ -34,6 +34,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import scan_options  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
 DATA = SHARED / "data" / "mendeley-dev"
@@ -158,8 +161,7 @@ def main() -> None:
         scaled = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
         for method in methods:
             started = time.perf_counter()
-            options = {"method": "dense", "verify": 0} if method == "dense-raw" else {"method": method}
-            result = scan_scaled(model, scaled, image.size, source=f"mosaic-{index}", **options)
+            result = scan_scaled(model, scaled, image.size, source=f"mosaic-{index}", **scan_options(method))
             per_method[method]["seconds"].append(time.perf_counter() - started)
             centre, anyone = tile_scores(result, rows, cols)
             per_method[method]["centre"].append(centre >= result.threshold)

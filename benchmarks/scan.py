@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import peak_rss_mb  # noqa: E402
+from _common import peak_rss_mb, scan_options  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -96,10 +96,7 @@ def worker(model_path: str, photo: str, method: str, repeats: int, threads: int,
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        if method == "dense-raw":
-            result = scan_photo(model, photo, method="dense", verify=0)
-        else:
-            result = scan_photo(model, photo, method=method)
+        result = scan_photo(model, photo, **scan_options(method))
         times.append(time.perf_counter() - started)
     if map_out:
         np.save(map_out, result.probability)

@@ -209,12 +209,11 @@ def main() -> None:
             result = run_worker({**spec, **common}, env)
             rows.append({"configuration": name, "input_px": size, "images_per_s": result["images"] / result["seconds"],
                          "peak_rss_mb": round(result["peak_rss_mb"])})
-    from gemm import gemm_rates, mobilenet_flops
+    from gemm import fp32_limit, gemm_rates, mobilenet_flops
 
     print(f"[{time.perf_counter() - started:5.1f} s] measuring the machine's GEMM rate ...", flush=True)
     machine = gemm_rates(args.quick)
-    # The machine's fp32 limit is the faster of the two measured GEMMs (numpy's BLAS beat torch.mm here).
-    peak = max(float(machine["fp32_torch_gflops"]), float(machine["fp32_numpy_gflops"]))
+    peak = fp32_limit(machine)
     base = rows[0]["images_per_s"]
     flops = {size: mobilenet_flops(size) for size in {row["input_px"] for row in rows}}
     for row in rows:

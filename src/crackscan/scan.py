@@ -59,7 +59,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from crackscan.images import MAX_PIXELS, ImageError, ImageSource, describe, load_image, read_bytes
-from crackscan.model import CrackModel
+from crackscan.model import INFERENCE_CHUNK, CrackModel
 
 #: Output stride of MobileNetV2's convolutional base, in network pixels.
 NETWORK_STRIDE = 32
@@ -491,8 +491,8 @@ def _verify_borders(model: CrackModel, work: np.ndarray, grid: _Grid, probabilit
             break
         weakest = np.argsort(probability[rows, cols], kind="stable")[: budget - int(verified.sum())]
         cells = list(zip(rows[weakest], cols[weakest]))
-        for start in range(0, len(cells), CROP_BATCH * 4):  # crops are cut batch by batch: bounded memory
-            chunk = cells[start:start + CROP_BATCH * 4]
+        for start in range(0, len(cells), INFERENCE_CHUNK):  # crops are cut batch by batch: bounded memory
+            chunk = cells[start:start + INFERENCE_CHUNK]
             for (i, j), value in zip(chunk, model.crack_probability(_crops(work, grid, chunk), backend)):
                 probability[i, j] = value
                 verified[i, j] = True

@@ -454,7 +454,8 @@ class Trainer:
                 self.views = list(train_in.unbind(0))  # share the stacked memory instead of holding it twice
             for phase_epoch in range(phase_epoch0, n_epochs):
                 t0 = time.perf_counter()
-                if phase == "head":
+                if phase == "head" and (phase_epoch == phase_epoch0 or self.views_at(phase_epoch) > len(train_in)):
+                    # Restacked only when a view joins, not every half-second epoch.
                     self.ensure_views(self.views_at(phase_epoch))
                     train_in = torch.stack(self.view_features[: self.views_at(phase_epoch)])
                 lr_now = opt.param_groups[0]["lr"]
