@@ -88,5 +88,10 @@ def peak_rss_mb() -> float:
 
 def scan_options(variant: str) -> dict[str, Any]:
     """Keyword arguments of a scan for a benchmark variant: "dense" (scan's default, borders verified by
-    crops), "dense-raw" (the dense map before verification) or "crops"."""
-    return {"method": "dense", "verify": 0} if variant == "dense-raw" else {"method": variant}
+    crops), "dense-raw" (the dense map before verification), "dense-verify-N" (at most N verification
+    crops) or "crops"."""
+    if variant == "dense-raw":
+        return {"method": "dense", "verify": 0}
+    if variant.startswith("dense-verify-"):
+        return {"method": "dense", "verify": int(variant.rsplit("-", 1)[1])}
+    return {"method": variant}

@@ -2,7 +2,7 @@
 
 For a 12-MP photo (../shared/data/photos/floor-crack-4032x3024.jpg when present, else a generated
 4032x3024 one) it times `scan_photo` with method "dense" (the default: one pass of the base, then up to
-256 crops verifying the flagged regions' borders), "dense" with ``verify=0`` (the raw dense map) and
+256 crops verifying the flagged regions' borders), "dense" with ``verify=128`` and ``verify=0`` (the raw dense map) and
 "crops", at the same output stride (the network's own: 32 network px), decode included, and compares the
 dense maps with the crops' map: Pearson r of probabilities
 and of logits, largest difference, share of cells with the same label at the model's threshold. Each
@@ -107,6 +107,7 @@ def worker(model_path: str, photo: str, method: str, repeats: int, threads: int,
         "map_shape": list(result.map_shape),
         "stride_photo_px": round(result.stride, 2),
         "verdict": result.label,
+        "flagged_fraction": round(result.flagged_fraction, 4),
         "verified_cells": result.verified,
         "rejected_cells": result.rejected,
         "threshold": result.threshold,
@@ -178,12 +179,13 @@ def main() -> None:
 
         dense = measure(model, photo, "dense", args.repeats, args.threads, tmp / "dense.npy")
         raw = measure(model, photo, "dense-raw", args.repeats, args.threads, tmp / "raw.npy")
+        half = measure(model, photo, "dense-verify-128", args.repeats, args.threads, None)
         crops = measure(model, photo, "crops", 1, args.threads, tmp / "crops.npy")
         agree = agreement(np.load(tmp / "dense.npy"), np.load(tmp / "crops.npy"), dense["threshold"])
         agree_raw = agreement(np.load(tmp / "raw.npy"), np.load(tmp / "crops.npy"), dense["threshold"])
         mp = f"{size[0] * size[1] / 1e6:.0f}-MP"
-        rows = [dict(case=f"{mp} dense (verified)", **dense), dict(case=f"{mp} dense raw", **raw),
-                dict(case=f"{mp} crops", **crops)]
+        rows = [dict(case=f"{mp} dense (verified)", **dense), dict(case=f"{mp} dense, --verify 128", **half),
+                dict(case=f"{mp} dense raw", **raw), dict(case=f"{mp} crops", **crops)]
         if not args.quick:
             big = generated_photo(tmp / "photo-50mp.jpg", 8160, 6120)
             rows.append(dict(case="50-MP dense (generated)", **measure(model, big, "dense", 1, args.threads, None)))
