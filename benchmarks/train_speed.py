@@ -21,6 +21,7 @@ import csv
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -150,6 +151,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=3200, help="reference validation every N training images")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--keep-run", type=Path, metavar="DIR",
+                        help="copy crackscan's run folder here (e.g. to ship its model with scripts/ship_model.py --from-run)")
     parser.add_argument("--reference-worker", nargs=2, metavar=("SPLIT_CSV", "RESULT_JSON"), help=argparse.SUPPRESS)
     parser.add_argument("--limit", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -173,6 +176,9 @@ def main() -> None:
         print("crackscan train (defaults) ...", flush=True)
         ours = run_crackscan(data, args.weights, tmp / "runs", extra)
         ours_tta = time_to(ours["history"], args.target)
+        if args.keep_run:
+            shutil.copytree(ours["run"], args.keep_run)
+            print(f"run folder kept in {args.keep_run}", flush=True)
         rows = [{
             "method": "crackscan train (defaults)",
             "time_to_target_s": None if ours_tta is None else round(ours_tta, 1),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -151,3 +152,21 @@ def test_mendeley_blocks_split_holds_blocks_together():
     for s in ds.samples:
         seen[s.group].add(s.split)
     assert len(seen) == 40 and all(len(v) == 1 for v in seen.values())
+
+
+def test_worker_processes_decode_exactly_what_threads_decode(tmp_path):
+    # Large folders are decoded in forked processes (the GIL halves what threads get); the result must
+    # not depend on which: same pixels, hashes, duplicates and skipped files, in the same order.
+    root = make_dataset(tmp_path, per_class=30)
+    (root / "Positive" / "broken.jpg").write_bytes((root / "Positive").joinpath(
+        sorted(p.name for p in (root / "Positive").iterdir())[0]).read_bytes()[:200])
+    shutil.copy(sorted((root / "Negative").iterdir())[0], root / "Negative" / "copy.jpg")
+    threads = load_dataset(root, 32, quiet=True, processes=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a pool that falls back to threads warns: that must not happen here
+        processes = load_dataset(root, 32, quiet=True, processes=True)
+    assert [(s.rel, s.sha1, s.label) for s in processes.samples] == [(s.rel, s.sha1, s.label) for s in threads.samples]
+    assert np.array_equal(processes.pixels, threads.pixels)
+    assert processes.duplicates == threads.duplicates and len(threads.duplicates) == 1
+    assert [(p.file, p.reason) for p in processes.problems] == [(p.file, p.reason) for p in threads.problems]
+    assert any(p.file == "Positive/broken.jpg" for p in threads.problems)

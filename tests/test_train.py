@@ -121,9 +121,11 @@ def test_cli_defaults_match_the_library_defaults():
     assert (args.crop_scale, args.jitter) == (lib.augment.crop_scale, lib.augment.jitter)
 
 
-def test_views_are_cached_one_epoch_at_a_time(tiny_dataset, tmp_path):
-    # The first epoch must not wait for augmentation: view 0 is the decoded images themselves, and each
-    # augmented view is computed when the head phase first reaches it.
+def test_views_are_cached_part_by_part_as_the_head_phase_needs_them(tiny_dataset, tmp_path):
+    # The first epoch must wait neither for augmentation nor for the whole training set: view 0 is the
+    # decoded images themselves, in a fixed shuffled order, computed one part per head epoch; each
+    # augmented view is computed when the head phase first reaches it, after view 0 is complete.
+    import numpy as np
     import torch
 
     from crackscan.data import assign_groups, load_dataset, split_groups
@@ -131,7 +133,7 @@ def test_views_are_cached_one_epoch_at_a_time(tiny_dataset, tmp_path):
     from crackscan.train import Trainer, TrainConfig
     from crackscan.transforms import normalize_batch
 
-    config = TrainConfig(data=str(tiny_dataset), input_size=64, views=3, head_epochs=3, finetune_epochs=0,
+    config = TrainConfig(data=str(tiny_dataset), input_size=64, views=2, head_epochs=4, finetune_epochs=0,
                          patience=10, hard_negatives=0.0, run_length=5, quiet=True)
     dataset = load_dataset(tiny_dataset, config.input_size, quiet=True)
     assign_groups(dataset, None, config.run_length)
@@ -139,22 +141,33 @@ def test_views_are_cached_one_epoch_at_a_time(tiny_dataset, tmp_path):
     torch.manual_seed(0)
     trainer = Trainer(config, tmp_path, build_model().eval(), dataset)
     trainer.build_caches()
-    assert len(trainer.views) == 1
+    train_idx = dataset.indices("train")
+    n = len(train_idx)
+    ready = [trainer.images_at(e) for e in range(4)]
+    assert ready == [-(-n * k // 4) for k in (1, 2, 3, 4)] and ready[0] < n
+    # The shuffled order holds every training image once, with its label.
+    assert sorted(map(bytes, trainer.train_pixels)) == sorted(map(bytes, dataset.pixels[train_idx]))
+    order = [next(i for i in train_idx if np.array_equal(dataset.pixels[i], px)) for px in trainer.train_pixels]
+    assert order != sorted(order)
+    assert trainer.y_train.tolist() == dataset.labels(order).tolist()
+
+    assert trainer.views == [] and trainer.head_inputs(1).shape[:2] == (1, ready[0])
     with torch.inference_mode():
-        plain = trainer.lower(normalize_batch(dataset.pixels[dataset.indices("train")], (0.485, 0.456, 0.406),
+        plain = trainer.lower(normalize_batch(trainer.train_pixels[: ready[0]], (0.485, 0.456, 0.406),
                                               (0.229, 0.224, 0.225)))
         pooled = trainer.upper[:-1](plain)
     # Computed by ONNX Runtime (float16 cache): the eager PyTorch values to rounding.
-    assert torch.allclose(trainer.views[0].float(), plain, atol=1e-2, rtol=1e-2)
-    assert torch.allclose(trainer.view_features[0], pooled, atol=1e-3, rtol=1e-3)
+    assert torch.allclose(trainer._parts[0][0].float(), plain, atol=1e-2, rtol=1e-2)
+    assert torch.allclose(trainer.head_inputs(1)[0], pooled, atol=1e-3, rtol=1e-3)
 
-    assert [trainer.views_at(e) for e in range(3)] == [1, 2, 3]
+    assert [trainer.views_at(e) for e in range(4)] == [1, 1, 1, 2]
     drawn_from = []
     epoch = trainer._epoch
-    trainer._epoch = lambda phase, e, opt, sched, inputs: (drawn_from.append(inputs.shape[0]), epoch(phase, e, opt, sched, inputs))[1]
-    trainer.fit()  # head phase only: every view must join during it
-    assert drawn_from == [1, 2, 3]
-    assert len(trainer.views) == 3 and trainer.train_pixels is None
+    trainer._epoch = lambda phase, e, opt, sched, inputs: (drawn_from.append(tuple(inputs.shape[:2])),
+                                                           epoch(phase, e, opt, sched, inputs))[1]
+    trainer.fit()  # head phase only: all of view 0, then the augmented view, must join during it
+    assert drawn_from == [(1, ready[0]), (1, ready[1]), (1, ready[2]), (2, n)]
+    assert len(trainer.views) == 2 and trainer.train_pixels is None
+    assert torch.allclose(trainer.views[0][: ready[0]].float(), plain, atol=1e-2, rtol=1e-2)
     assert not torch.equal(trainer.views[1], trainer.views[0])
-    assert not torch.equal(trainer.views[2], trainer.views[1])
-    assert [row["phase"] for row in trainer.history] == ["head"] * 3
+    assert [row["phase"] for row in trainer.history] == ["head"] * 4

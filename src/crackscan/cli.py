@@ -73,12 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weights", default="imagenet",
                    help="pretrained base: 'imagenet' (torchvision download), a local .safetensors/.pth state dict, "
                         "or 'none' to train from scratch (default: imagenet)")
-    t.add_argument("--input-size", type=_positive_int, default=112,
-                   help="network input size in pixels (default: 112; see benchmarks/input_size.py)")
+    t.add_argument("--input-size", type=_positive_int, default=96,
+                   help="network input size in pixels (default: 96; see benchmarks/input_size.py)")
     t.add_argument("--batch-size", type=_positive_int, default=64)
     t.add_argument("--head-epochs", type=int, default=10, help="phase 1 epochs, base frozen (default: 10)")
     t.add_argument("--finetune-epochs", type=int, default=4, help="phase 2 epochs, upper base fine-tuned (default: 4)")
-    t.add_argument("--head-lr", type=float, default=1e-3)
+    t.add_argument("--head-lr", type=float, default=3e-3, help="phase 1 learning rate (default: 3e-3)")
     t.add_argument("--finetune-lr", type=float, default=2e-4)
     t.add_argument("--unfreeze-from", type=int, default=14, help="first features[] block fine-tuned in phase 2")
     t.add_argument("--batchnorm", choices=("frozen", "train"), default="frozen",

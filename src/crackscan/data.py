@@ -11,10 +11,10 @@ group first, so a duplicate can never straddle a split.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import re
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from crackscan.images import ImageError, is_image_path, load_patch, read_bytes
-from crackscan.runtime import cpu_count
+from crackscan.runtime import parallel_map
 
 #: Folder names recognised as the crack class (case-insensitive).
 CRACK_NAMES = ("positive", "positives", "crack", "cracks", "cracked", "crack_positive", "defect", "yes", "1")
@@ -141,7 +141,7 @@ def load_dataset(
     *,
     crack_class: str | None = None,
     quiet: bool = False,
-    workers: int | None = None,
+    processes: bool | None = None,
 ) -> Dataset:
     """Find, check and decode every image under ``root`` once; skip and report bad and duplicate files.
 
@@ -150,7 +150,8 @@ def load_dataset(
         size: Side length the pixels are decoded to (the model's input size).
         crack_class: Name of the crack class folder; recognised automatically when omitted.
         quiet: No progress bar.
-        workers: Decoding threads (PIL releases the GIL while decoding).
+        processes: Decode in worker processes (True), threads (False), or processes for large folders
+            on Linux (None, the default; see :func:`crackscan.runtime.parallel_map`).
 
     Raises:
         DataError: Missing folder, not exactly two classes, an empty class.
@@ -158,11 +159,9 @@ def load_dataset(
     root = Path(root)
     classes, crack_index = find_classes(root, crack_class)
     files, problems = list_files(root, classes)
-    results: list = [None] * len(files)
-    with ThreadPoolExecutor(max_workers=workers or max(2, cpu_count())) as pool:
-        jobs = pool.map(lambda f: _check_one(f[0], root, size), files)
-        for i, result in enumerate(tqdm(jobs, total=len(files), desc="check+decode", unit="img", disable=quiet)):
-            results[i] = result
+    with tqdm(total=len(files), desc="check+decode", unit="img", disable=quiet) as bar:
+        results = parallel_map(functools.partial(_check_one, root=root, size=size), [path for path, _ in files],
+                               processes=processes, progress=bar.update)
     samples, pixels, seen, duplicates, conflicts = [], [], {}, [], defaultdict(set)
     for (path, label), (px, sha1, error) in zip(files, results):
         rel = _rel(path, root)

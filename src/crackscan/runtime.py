@@ -11,8 +11,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import multiprocessing
 import os
+import signal
 import sys
+import warnings
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
@@ -54,3 +63,53 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, processes: bool | None = None,
+                 min_for_processes: int = 512, chunksize: int = 128,
+                 progress: Callable[[int], object] | None = None) -> list[R]:
+    """``[fn(x) for x in items]`` on every usable core, in order.
+
+    Decoding and drawing small images is half Python (PIL's header parsing, EXIF, glue code) and half C
+    that releases the GIL, so threads barely beat one core: decoding the 227-px dev patches ran at 1,677
+    images/s serially, 1,736 on 2 threads and 2,655 in 2 forked processes. Long lists therefore go to
+    forked worker processes (Linux: they inherit the imported modules instead of importing torch again);
+    short ones, other platforms, or a pool that cannot start use threads. Results are the same either way.
+
+    Args:
+        fn: A module-level function (or a ``functools.partial`` of one), so that processes can receive it.
+        items: Its arguments; they and the results travel between processes.
+        processes: Force processes (True) or threads (False); None decides as above.
+        min_for_processes: Shortest list worth starting processes for.
+        chunksize: Items sent to a worker process at a time.
+        progress: Called with the number of items just finished.
+    """
+    workers = max(2, cpu_count())
+    if processes is None:
+        processes = len(items) >= min_for_processes and cpu_count() > 1 and sys.platform.startswith("linux")
+    results: list[R] = []
+    if processes:
+        try:
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_interrupt) as pool:
+                for result in pool.map(fn, items, chunksize=chunksize):
+                    results.append(result)
+                    if progress is not None:
+                        progress(1)
+            return results
+        except (OSError, ValueError, BrokenProcessPool) as err:  # no fork, no semaphores, a killed worker
+            warnings.warn(f"running on threads instead of processes ({type(err).__name__}: {err})")
+            if progress is not None:
+                progress(-len(results))
+            results = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for result in pool.map(fn, items):
+            results.append(result)
+            if progress is not None:
+                progress(1)
+    return results
+
+
+def _ignore_interrupt() -> None:
+    # Ctrl-C reaches the whole process group; the parent stops the pool, the workers need not print tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
