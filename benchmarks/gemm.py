@@ -150,8 +150,8 @@ def _png(pixels) -> bytes:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 128, 112],
-                        help="input sizes to time the forward pass at (default 224 128 112)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 128, 112, 96],
+                        help="input sizes to time the forward pass at (default 224 128 112 96)")
     parser.add_argument("--seconds", type=float, default=4.0, help="measuring time per backend and size")
     parser.add_argument("--quick", action="store_true", help="smaller matrices, 128 px only, 1 s each")
     args = parser.parse_args()

@@ -4,7 +4,7 @@ Trains `crackscan train` (defaults otherwise) at each size on the same block-hel
 ../shared/data/mendeley-dev and reports validation and test accuracy, training wall time and
 prediction throughput of the resulting model (decode included, ONNX Runtime).
 
-    python benchmarks/input_size.py                       # 224 160 128 112; ~15 min on 2 cores, run alone
+    python benchmarks/input_size.py                       # 224 160 128 112 96; ~20 min on 2 cores, run alone
     python benchmarks/input_size.py --sizes 128 112 --quick
 """
 
@@ -38,7 +38,7 @@ def predict_rate(model_path: Path, files: list[Path]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 160, 128, 112])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 160, 128, 112, 96])
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
     parser.add_argument("--quick", action="store_true", help="1+1 epochs, 1 view: a smoke run")
