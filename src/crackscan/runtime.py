@@ -88,6 +88,8 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, processes: bool | 
     if processes is None:
         processes = len(items) >= min_for_processes and cpu_count() > 1 and sys.platform.startswith("linux")
     results: list[R] = []
+    if processes and "fork" not in multiprocessing.get_all_start_methods():
+        processes = False
     if processes:
         try:
             context = multiprocessing.get_context("fork")
@@ -97,7 +99,7 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, processes: bool | 
                     if progress is not None:
                         progress(1)
             return results
-        except (OSError, ValueError, BrokenProcessPool) as err:  # no fork, no semaphores, a killed worker
+        except (OSError, BrokenProcessPool) as err:  # no semaphores or processes allowed, a killed worker
             warnings.warn(f"running on threads instead of processes ({type(err).__name__}: {err})")
             if progress is not None:
                 progress(-len(results))
