@@ -44,7 +44,10 @@ def start(*args: str) -> subprocess.Popen:
     # One thread: on a shared machine, OpenMP threads of several processes spinning on two cores make
     # small-batch epochs tens of times slower and their length unpredictable.
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A test runner started in the background by a shell inherits SIGINT ignored, and so would the trainer:
+    # give it the default disposition, as a terminal's foreground process has, so that Ctrl-C is Ctrl-C.
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
