@@ -100,6 +100,19 @@ def test_single_patch_photo_dense_equals_crops_and_predict(tiny_model, tmp_path)
     assert dense.probability[0, 0] == pytest.approx(direct, abs=1e-5)
 
 
+@pytest.mark.parametrize("input_size", [64, 80, 96, 112, 144])
+def test_dense_map_fits_the_grid_at_any_input_size(tiny_model, tmp_path, input_size):
+    # Patches of 2.5 or 4.5 cells (80, 144 px) once got a map one row and column larger than the grid.
+    from crackscan.model import CrackModel
+
+    model = CrackModel(module=tiny_model.module, meta=dict(tiny_model.meta, input_size=input_size))
+    path = grid_photo(tmp_path / "grid.jpg", [[False, True, False], [True, False, False]])
+    for stride in (None, 113):
+        dense = scan_photo(model, path, stride=stride, verify=0)
+        crops = scan_photo(model, path, stride=stride, method="crops")
+        assert dense.map_shape == crops.map_shape, (input_size, stride)
+
+
 def test_tiled_base_equals_one_pass(head_model, tmp_path):
     # Tiles small enough to force many seams in every stage must give the whole-image result.
     rng = np.random.default_rng(4)

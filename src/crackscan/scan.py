@@ -450,7 +450,9 @@ def cell_logits(model: CrackModel, pixels: np.ndarray, *, max_values: int = TILE
 
 def _dense_map(model: CrackModel, work: np.ndarray, grid: _Grid, **tiling: Any) -> np.ndarray:
     logits = cell_logits(model, work, **tiling)
-    cells = max(1, round(grid.window / NETWORK_STRIDE))
+    # A patch's own feature map is ceil(window / 32) cells a side (each stride-2 layer pads); round() would
+    # pool 2 cells for an 80-px patch (round half to even) and give the map an extra row and column.
+    cells = max(1, math.ceil(grid.window / NETWORK_STRIDE))
     pooled = F.avg_pool2d(logits[None], cells, stride=grid.step // NETWORK_STRIDE)[0]
     pooled = pooled + model.network("scan").classifier[-1].bias.detach().float()[:, None, None]
     probability = torch.softmax(pooled, dim=0)[model.crack_index].numpy().astype(np.float32)
