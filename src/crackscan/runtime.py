@@ -85,6 +85,7 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, processes: bool | 
         progress: Called with the number of items just finished.
     """
     workers = max(2, cpu_count())
+    progress = progress or (lambda done: None)
     if processes is None:
         processes = len(items) >= min_for_processes and cpu_count() > 1 and sys.platform.startswith("linux")
     results: list[R] = []
@@ -96,19 +97,16 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, processes: bool | 
             with ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_interrupt) as pool:
                 for result in pool.map(fn, items, chunksize=chunksize):
                     results.append(result)
-                    if progress is not None:
-                        progress(1)
+                    progress(1)
             return results
         except (OSError, BrokenProcessPool) as err:  # no semaphores or processes allowed, a killed worker
             warnings.warn(f"running on threads instead of processes ({type(err).__name__}: {err})")
-            if progress is not None:
-                progress(-len(results))
+            progress(-len(results))
             results = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for result in pool.map(fn, items):
             results.append(result)
-            if progress is not None:
-                progress(1)
+            progress(1)
     return results
 
 
