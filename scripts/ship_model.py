@@ -121,7 +121,7 @@ All figures below are written by `scripts/ship_model.py` from the run it trains;
   (features[{cfg['unfreeze_from']}:] + head) up to {cfg['finetune_epochs']} epochs at lr {cfg['finetune_lr']},
   AdamW, cosine schedule, BatchNorm {cfg['batchnorm']}, early stopping on validation loss (best epoch
   {meta['best_epoch']}), augmentation {cfg['augment']}, {cfg['views']} cached views per image (the decoded image, then augmented ones), seed {cfg['seed']}.
-  Drawn hard negatives (cables, straight edges, joints) added for {cfg.get('hard_negatives', 0):.0%} of the
+  Drawn hard negatives (cables, straight and ragged edges, joints) added for {cfg.get('hard_negatives', 0):.0%} of the
   training negatives. Wall time of this run {meta['train_seconds']:.0f} s (on a 2-core machine that was busy with
   other jobs; `benchmarks/train_speed.py` measures training time alone).
 

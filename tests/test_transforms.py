@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from crackscan.transforms import IMAGENET_MEAN, IMAGENET_STD, Augment, TrainPreset, man_made_negative, normalize_batch
@@ -40,3 +41,46 @@ def test_man_made_negative_draws_a_line_reproducibly():
     assert np.array_equal(a, b)
     # Something was drawn: a good part of the patch moved well away from the plain surface.
     assert (np.abs(a.astype(int) - patch.astype(int)).max(axis=2) > 40).mean() > 0.02
+
+
+def _dark_side(patch: np.ndarray, drawn: np.ndarray) -> np.ndarray:
+    return drawn.astype(int).mean(axis=2) < patch.astype(int).mean(axis=2) * 0.6
+
+
+def _edge_residual(dark: np.ndarray) -> float:
+    """Spread (px) of the dark region's boundary pixels about their best straight line."""
+    from scipy import ndimage
+
+    boundary = dark & ~ndimage.binary_erosion(dark, border_value=1)
+    points = np.argwhere(boundary).astype(float)
+    points -= points.mean(axis=0)
+    return float(np.linalg.svd(points, compute_uv=False)[1] / np.sqrt(len(points)))
+
+
+def test_ragged_edge_leaves_the_surface_on_one_side_and_wanders():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(4)
+    patch = np.clip(rng.normal(170, 10, (96, 96, 3)), 0, 255).astype(np.uint8)
+    ragged, straight = [], []
+    for seed in range(6):
+        drawn = man_made_negative(patch, np.random.default_rng(seed), kind="ragged")
+        dark = _dark_side(patch, drawn)
+        # One dark region, reaching the patch's border (a gap beyond the edge, not a line across a surface) ...
+        _, count = ndimage.label(dark)
+        assert count == 1 and 0.05 < dark.mean() < 0.95
+        assert dark[[0, -1], :].any() or dark[:, [0, -1]].any()
+        # ... textured like a shadowed surface, not a flat fill.
+        assert drawn[dark].std() > 1.0
+        ragged.append(_edge_residual(dark))
+        edge = _dark_side(patch, man_made_negative(patch, np.random.default_rng(seed), kind="edge"))
+        if edge.any():  # a straight edge to a darker surface (some are to a lighter one)
+            straight.append(_edge_residual(edge))
+    # Its boundary strays from a straight line far more than a straight edge's does.
+    assert straight and min(ragged) > 2 * max(straight), (ragged, straight)
+
+
+def test_man_made_negative_refuses_an_unknown_kind():
+    patch = np.full((32, 32, 3), 128, np.uint8)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        man_made_negative(patch, np.random.default_rng(0), kind="crack")

@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BatchNorm statistics of fine-tuned blocks: keep ImageNet's (frozen) or update them")
     t.add_argument("--views", type=_positive_int, default=2, help="augmented views cached per training image")
     t.add_argument("--hard-negatives", type=float, default=0.3, metavar="FRACTION",
-                   help="add this fraction of the training negatives again with drawn cables, straight edges and "
-                        "joints, labelled no crack (default 0.3; 0 turns it off)")
+                   help="add this fraction of the training negatives again with drawn cables, straight or ragged "
+                        "edges and joints, labelled no crack (default 0.3; 0 turns it off)")
     t.add_argument("--patience", type=_positive_int, default=2, help="early stopping patience in epochs")
     t.add_argument("--val-fraction", type=_fraction, default=0.15)
     t.add_argument("--test-fraction", type=_fraction, default=0.15)

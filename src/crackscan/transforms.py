@@ -90,17 +90,24 @@ class TrainPreset:
         return out
 
 
-def man_made_negative(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A crack-free patch with a man-made line drawn on it: cables, a straight edge, or a joint.
+#: What :func:`man_made_negative` draws, and how often.
+MAN_MADE_KINDS = {"cables": 0.4, "edge": 0.2, "ragged": 0.25, "joint": 0.15}
+
+
+def man_made_negative(pixels: np.ndarray, rng: np.random.Generator, kind: str | None = None) -> np.ndarray:
+    """A crack-free patch with a man-made line drawn on it: cables, a straight or ragged edge, or a joint.
 
     Inspection photos are full of smooth, even-width lines and straight edges that a crack classifier
     trained on bare concrete has never seen labelled "no crack" (the Mendeley negatives are plain
     surfaces). Drawn onto training negatives, they teach that a dark line alone is not a crack: a crack
-    is irregular in path and width. Validation and test data are never touched.
+    is irregular in path and width. A ragged edge (a chipped surface ending at a dark gap) is irregular
+    too, but has the surface on one side only, where a crack has it on both. Validation and test data are
+    never touched.
 
     Args:
         pixels: HxWx3 uint8 negative patch.
         rng: Source of randomness (the caller seeds it for reproducibility).
+        kind: One of :data:`MAN_MADE_KINDS`; drawn at random with their weights when None.
     """
     from PIL import Image, ImageDraw, ImageFilter
 
@@ -122,7 +129,11 @@ def man_made_negative(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarra
         ink.polygon(outline, fill=tone)
         mask.polygon(outline, fill=255)
 
-    kind = rng.choice(["cables", "edge", "joint"], p=[0.5, 0.3, 0.2])
+    if kind is None:
+        kind = str(rng.choice(list(MAN_MADE_KINDS), p=list(MAN_MADE_KINDS.values())))
+    elif kind not in MAN_MADE_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(MAN_MADE_KINDS)}, got {kind!r}")
+    gap = None
     if kind == "cables":
         width = int(rng.uniform(0.05, 0.14) * s)
         base = int(rng.integers(20, 235))
@@ -141,6 +152,24 @@ def man_made_negative(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarra
             band(curve, tone, width)
             highlight = int(np.clip(tone + rng.uniform(25, 70), 0, 255))  # a round cable's specular band
             band(curve, highlight, max(1, width // 4))
+    elif kind == "ragged":  # a chipped edge: the boundary wanders and has bites out of it
+        angle = rng.uniform(0, 2 * np.pi)
+        along = np.array([np.cos(angle), np.sin(angle)])
+        across = np.array([-along[1], along[0]])
+        t = np.linspace(-0.8, 0.8, 64) * s
+        wander = np.cumsum(rng.normal(0, rng.uniform(0.006, 0.02) * s, t.size))
+        wander -= np.linspace(wander[0], wander[-1], t.size)  # no overall tilt: the edge keeps its angle
+        for _ in range(int(rng.integers(0, 4))):  # chips: smooth bites into the surface
+            where, reach = rng.uniform(-0.6, 0.6) * s, rng.uniform(0.04, 0.15) * s
+            wander -= rng.uniform(0.03, 0.12) * s * np.exp(-(((t - where) / reach) ** 2))
+        centre = np.full(2, s / 2) + across * rng.uniform(-0.3, 0.3) * s
+        edge = centre + t[:, None] * along + wander[:, None] * across
+        far = [tuple(edge[-1] - across * 2 * s), tuple(edge[0] - across * 2 * s)]
+        outline = [tuple(map(float, q)) for q in edge] + far
+        ink.polygon(outline, fill=255)
+        mask.polygon(outline, fill=255)
+        # Seen through the gap: the surface turned about and darkened, textured as a shadowed gap is.
+        gap = pixels[::-1, ::-1].astype(np.float32) * rng.uniform(0.1, 0.35)
     else:
         angle = rng.uniform(0, np.pi)
         centre = rng.uniform(0.25, 0.75, 2) * s
@@ -157,6 +186,8 @@ def man_made_negative(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarra
     coverage = np.asarray(cover.reduce(up), dtype=np.float32)[..., None] / 255.0
     # Shrunk shade is premultiplied by coverage; dividing it back out gives the drawn tone at the edges.
     drawn = np.asarray(shade.reduce(up), dtype=np.float32)[..., None] / np.maximum(coverage, 1 / 255.0)
+    if gap is not None:
+        drawn = gap
     blended = pixels.astype(np.float32) * (1 - coverage) + np.clip(drawn, 0, 255) * coverage
     out = Image.fromarray((blended + 0.5).astype(np.uint8), "RGB").filter(ImageFilter.GaussianBlur(radius=0.6))
     return np.asarray(out, dtype=np.uint8)
