@@ -89,7 +89,10 @@ def peak_rss_mb() -> float:
 def scan_options(variant: str) -> dict[str, Any]:
     """Keyword arguments of a scan for a benchmark variant: "dense" (scan's default, borders verified by
     crops), "dense-raw" (the dense map before verification), "dense-verify-N" (at most N verification
-    crops) or "crops"."""
+    crops), "crops" (every patch classified alone, with the default backend: ONNX Runtime when installed)
+    or "crops-torch" (the same in PyTorch, the framework of the dense pass)."""
+    if variant == "crops-torch":
+        return {"method": "crops", "backend": "torch"}
     if variant == "dense-raw":
         return {"method": "dense", "verify": 0}
     if variant.startswith("dense-verify-"):

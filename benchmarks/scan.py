@@ -3,7 +3,8 @@
 For a 12-MP photo (../shared/data/photos/floor-crack-4032x3024.jpg when present, else a generated
 4032x3024 one) it times `scan_photo` with method "dense" (the default: one pass of the base, then up to
 256 crops verifying the flagged regions' borders), "dense" with ``verify=128`` and ``verify=0`` (the raw dense map) and
-"crops", at the same output stride (the network's own: 32 network px), decode included, and compares the
+"crops" (with the default backend, ONNX Runtime, and with PyTorch, the dense pass's framework), at the same
+output stride (the network's own: 32 network px), decode included, and compares the
 dense maps with the crops' map: Pearson r of probabilities
 and of logits, largest difference, share of cells with the same label at the model's threshold. Each
 measurement runs in a fresh process so its peak memory (VmHWM) is its own; the table shows the
@@ -183,16 +184,22 @@ def main() -> None:
         half = measure(model, photo, "dense-verify-128", args.repeats, args.threads, None)
         # Twice, so that crops too are timed warm, as the dense runs are (the first run of each pays start-up).
         crops = measure(model, photo, "crops", 2, args.threads, tmp / "crops.npy")
+        crops_torch = measure(model, photo, "crops-torch", 2, args.threads, None)
         agree = agreement(np.load(tmp / "dense.npy"), np.load(tmp / "crops.npy"), dense["threshold"])
         agree_raw = agreement(np.load(tmp / "raw.npy"), np.load(tmp / "crops.npy"), dense["threshold"])
         mp = f"{size[0] * size[1] / 1e6:.0f}-MP"
         rows = [dict(case=f"{mp} dense (verified)", **dense), dict(case=f"{mp} dense, --verify 128", **half),
-                dict(case=f"{mp} dense raw", **raw), dict(case=f"{mp} crops", **crops)]
+                dict(case=f"{mp} dense raw", **raw), dict(case=f"{mp} crops", **crops),
+                dict(case=f"{mp} crops, PyTorch", **crops_torch)]
         if not args.quick:
             big = generated_photo(tmp / "photo-50mp.jpg", 8160, 6120)
             rows.append(dict(case="50-MP dense (generated)", **measure(model, big, "dense", 1, args.threads, None)))
 
     speedup = crops["seconds"] / dense["seconds"]
+    speedups = {"dense_vs_crops": round(speedup, 2),
+                "dense_vs_crops_torch": round(crops_torch["seconds"] / dense["seconds"], 2),
+                "dense_raw_vs_crops": round(crops["seconds"] / raw["seconds"], 2),
+                "dense_raw_vs_crops_torch": round(crops_torch["seconds"] / raw["seconds"], 2)}
     print(f"\n{'case':<28}{'seconds':>9}{'first run':>11}{'map':>10}{'stride px':>11}{'RSS before':>12}"
           f"{'peak RSS':>10}")
     for row in rows:
@@ -200,6 +207,7 @@ def main() -> None:
         print(f"{row['case']:<28}{row['seconds']:>9.3f}{row['seconds_all'][0]:>11.3f}{shape:>10}"
               f"{row['stride_photo_px']:>11}{row['rss_before_mb']:>10} MB{row['peak_rss_mb']:>7} MB")
     print(f"\nspeed-up dense (verified) vs crops: {speedup:.1f}x (goal >= 5x); dense 12-MP goal <= 1 s")
+    print("all speed-ups: " + ", ".join(f"{k} {v}x" for k, v in speedups.items()))
     print("map agreement with crops, verified dense: " + ", ".join(f"{k} {v}" for k, v in agree.items()))
     print("map agreement with crops, raw dense:      " + ", ".join(f"{k} {v}" for k, v in agree_raw.items()))
     report = {
@@ -212,6 +220,7 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "rows": rows,
         "speedup_dense_vs_crops": round(speedup, 2),
+        "speedups": speedups,
         "agreement": agree,
         "agreement_raw_dense": agree_raw,
         "goal": "dense 12-MP <= 1 s on 2 cores decode included; >= 5x faster than crops",

@@ -7,7 +7,7 @@ and the reference keeps glibc's default allocator (crackscan's ``mallopt`` setti
 * reference: torchvision ``ImageFolder`` (PIL decode) + ``Resize(224)`` + ``ToTensor`` + ``Normalize``
   through a ``DataLoader`` (batch 32, no workers), eager MobileNetV2 at 224 px, default allocator;
 * crackscan ``predict_sources`` with each backend (PyTorch eager channels_last, ONNX Runtime fp32,
-  ONNX Runtime int8) at the model's input size (128 by default, also 112), batch 64.
+  ONNX Runtime int8) at the model's input size (the given model's, or 128 without one; also 112), batch 64.
 
 Models are prepared (and exported to ONNX) before any measuring process starts, so the figures and the
 peak RSS are those of prediction alone. Without ``--model`` the network has random weights: speed does

@@ -100,6 +100,18 @@ def test_single_patch_photo_dense_equals_crops_and_predict(tiny_model, tmp_path)
     assert dense.probability[0, 0] == pytest.approx(direct, abs=1e-5)
 
 
+def test_crop_method_classifies_with_the_backend_asked_for(tiny_model, tmp_path):
+    from crackscan.model import CrackModel
+
+    model = CrackModel(module=tiny_model.module, meta=dict(tiny_model.meta))  # no ONNX Runtime session yet
+    path = grid_photo(tmp_path / "grid.jpg", [[False, True, False], [True, False, False]])
+    in_torch = scan_photo(model, path, method="crops", backend="torch")
+    assert model._onnx is None
+    in_onnx = scan_photo(model, path, method="crops", backend="onnx")
+    assert model._onnx is not None
+    np.testing.assert_allclose(in_onnx.probability, in_torch.probability, atol=1e-4)
+
+
 @pytest.mark.parametrize("input_size", [64, 80, 96, 112, 144])
 def test_dense_map_fits_the_grid_at_any_input_size(tiny_model, tmp_path, input_size):
     # Patches of 2.5 or 4.5 cells (80, 144 px) once got a map one row and column larger than the grid.

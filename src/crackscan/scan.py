@@ -502,12 +502,12 @@ def _verify_borders(model: CrackModel, work: np.ndarray, grid: _Grid, probabilit
     return int(verified.sum()), rejected
 
 
-def _crops_map(model: CrackModel, work: np.ndarray, grid: _Grid) -> np.ndarray:
+def _crops_map(model: CrackModel, work: np.ndarray, grid: _Grid, backend: str = "auto") -> np.ndarray:
     probability = np.empty(grid.rows * grid.cols, dtype=np.float32)
     cells = [(i, j) for i in range(grid.rows) for j in range(grid.cols)]
     for start in range(0, len(cells), CROP_BATCH):
         chunk = cells[start:start + CROP_BATCH]
-        probability[start:start + len(chunk)] = model.crack_probability(_crops(work, grid, chunk), backend="torch")
+        probability[start:start + len(chunk)] = model.crack_probability(_crops(work, grid, chunk), backend)
     return probability.reshape(grid.rows, grid.cols)
 
 
@@ -541,8 +541,9 @@ def scan_scaled(
     """Scan a photo that is already decoded and scaled by ``model.input_size / patch_size``.
 
     :func:`scan_photo` decodes and calls this; callers that keep the decoded image (the overlay, the web
-    service) use it directly. ``backend`` is the one verification's crops use (see
-    :meth:`CrackModel.crack_probability`); ``tiling`` passes ``max_values`` to :func:`cell_logits`.
+    service) use it directly. ``backend`` classifies the crops, the crop method's and verification's (see
+    :meth:`CrackModel.crack_probability`; the dense pass is PyTorch's); ``tiling`` passes ``max_values`` to
+    :func:`cell_logits`.
     """
     _check(patch_size, stride, threshold, method, verify)
     started = time.perf_counter()
@@ -560,7 +561,7 @@ def scan_scaled(
             # web page's slider redraws from it, is one map: scan(threshold=t) == scan().with_threshold(t).
             verified, rejected = _verify_borders(model, work, grid, probability, model.threshold, verify, backend)
     else:
-        probability = _crops_map(model, work, grid)
+        probability = _crops_map(model, work, grid, backend)
     # Photo-pixel geometry from the actual resize ratio (it differs from ``scale`` by rounding only).
     ratio_x, ratio_y = photo_size[0] / pixels.shape[1], photo_size[1] / pixels.shape[0]
     result = ScanResult(
@@ -590,6 +591,7 @@ def scan_photo(
     method: str = "dense",
     verify: int = VERIFY_CROPS,
     max_pixels: int = MAX_PIXELS,
+    backend: str = "auto",
 ) -> ScanResult:
     """Crack-probability map, regions and verdict for one photo.
 
@@ -604,6 +606,8 @@ def scan_photo(
         verify: Dense method only: at most this many crops re-classify the borders of the regions
             flagged at the model's threshold (:func:`_verify_borders`); 0 keeps the raw dense map.
         max_pixels: Refuse photos, and scaled photos, larger than this (decompression-bomb guard).
+        backend: What classifies crops (the crop method's, and verification's): ``"auto"``, ``"onnx"`` or
+            ``"torch"``, as in :meth:`CrackModel.crack_probability`. The dense pass always runs in PyTorch.
 
     Raises:
         ImageError: The photo cannot be read, or is too large.
@@ -613,7 +617,7 @@ def scan_photo(
     started = time.perf_counter()
     scaled, photo_size = decode_scaled(source, model.input_size / patch_size, max_pixels=max_pixels)
     result = scan_scaled(model, scaled, photo_size, patch_size=patch_size, stride=stride, threshold=threshold,
-                         method=method, verify=verify, source=describe(source))
+                         method=method, verify=verify, source=describe(source), backend=backend)
     result.seconds = time.perf_counter() - started
     return result
 
