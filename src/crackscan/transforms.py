@@ -165,10 +165,9 @@ def man_made_negative(pixels: np.ndarray, rng: np.random.Generator, kind: str | 
         centre = np.full(2, s / 2) + across * rng.uniform(-0.3, 0.3) * s
         edge = centre + t[:, None] * along + wander[:, None] * across
         far = [tuple(edge[-1] - across * 2 * s), tuple(edge[0] - across * 2 * s)]
-        outline = [tuple(map(float, q)) for q in edge] + far
-        ink.polygon(outline, fill=255)
-        mask.polygon(outline, fill=255)
-        # Seen through the gap: the surface turned about and darkened, textured as a shadowed gap is.
+        mask.polygon([tuple(map(float, q)) for q in edge] + far, fill=255)
+        # Seen through the gap (in place of a drawn tone): the surface turned about and darkened, textured
+        # as a shadowed gap is.
         gap = pixels[::-1, ::-1].astype(np.float32) * rng.uniform(0.1, 0.35)
     else:
         angle = rng.uniform(0, np.pi)
