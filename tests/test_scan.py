@@ -110,6 +110,11 @@ def test_crop_method_classifies_with_the_backend_asked_for(tiny_model, tmp_path)
     in_onnx = scan_photo(model, path, method="crops", backend="onnx")
     assert model._onnx is not None
     np.testing.assert_allclose(in_onnx.probability, in_torch.probability, atol=1e-4)
+    # The default is ONNX Runtime, as for every other patch classification.
+    fresh = CrackModel(module=tiny_model.module, meta=dict(tiny_model.meta))
+    by_default = scan_photo(fresh, path, method="crops")
+    assert fresh._onnx is not None
+    np.testing.assert_allclose(by_default.probability, in_onnx.probability, atol=1e-6)
 
 
 @pytest.mark.parametrize("input_size", [64, 80, 96, 112, 144])
