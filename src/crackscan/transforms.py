@@ -186,9 +186,10 @@ def man_made_negative(pixels: np.ndarray, rng: np.random.Generator, kind: str | 
         else:  # a straight, even joint or groove
             band(np.stack([a, b]), int(rng.integers(20, 90)), rng.uniform(0.02, 0.06) * s)
     coverage = np.asarray(cover.reduce(up), dtype=np.float32)[..., None] / 255.0
-    # Shrunk shade is premultiplied by coverage; dividing it back out gives the drawn tone at the edges.
-    drawn = np.asarray(shade.reduce(up), dtype=np.float32)[..., None] / np.maximum(coverage, 1 / 255.0)
-    if gap is not None:
+    if gap is None:
+        # Shrunk shade is premultiplied by coverage; dividing it back out gives the drawn tone at the edges.
+        drawn = np.asarray(shade.reduce(up), dtype=np.float32)[..., None] / np.maximum(coverage, 1 / 255.0)
+    else:
         drawn = gap
     blended = pixels.astype(np.float32) * (1 - coverage) + np.clip(drawn, 0, 255) * coverage
     out = Image.fromarray((blended + 0.5).astype(np.uint8), "RGB").filter(ImageFilter.GaussianBlur(radius=0.6))
