@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import BinaryIO, Union
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+try:  # libjpeg-turbo without PIL's Python-side parsing (see _plain_jpeg); PIL gives the same pixels, slower
+    import simplejpeg
+except ImportError:  # pragma: no cover - a platform without its wheels
+    simplejpeg = None
 
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
 
@@ -69,7 +76,7 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise ImageError(name, f"cannot read file ({err.strerror or err})") from None
 
 
-def _open(source: ImageSource, name: str) -> Image.Image:
+def _data(source: ImageSource, name: str) -> bytes:
     if isinstance(source, (str, os.PathLike)):
         data = read_bytes(source)
     elif isinstance(source, bytes):
@@ -78,6 +85,11 @@ def _open(source: ImageSource, name: str) -> Image.Image:
         data = source.read()
     if not data:
         raise ImageError(name, "empty file (0 bytes)")
+    return data
+
+
+def _open(source: ImageSource, name: str) -> Image.Image:
+    data = _data(source, name)
     try:
         return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -157,13 +169,58 @@ def load_image(
         raise ImageError(name, f"cannot decode ({reason})") from None
 
 
-def resize_rgb(image: Image.Image, size: int) -> np.ndarray:
-    """Resize to ``size`` x ``size`` with antialiasing; returns an HxWx3 uint8 array."""
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-    return np.asarray(image, dtype=np.uint8)
+def resize_rgb(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Resize HxWx3 uint8 pixels to ``size`` x ``size``: bilinear with antialiasing.
+
+    PyTorch's uint8 kernel for this is a port of PIL's (results within one level of ``Image.resize``,
+    almost always equal) and takes half its time on a 114-px patch (0.07 vs 0.15 ms), which counts when
+    the network classifies a patch in under a millisecond. The result is an HxWx3 view of the kernel's
+    planar output: making it contiguous here would cost another 0.05 ms, and ``np.stack`` copies it
+    into a batch as fast either way.
+    """
+    if pixels.shape[:2] == (size, size):
+        return pixels
+    if not pixels.flags.writeable:
+        pixels = pixels.copy()  # torch.from_numpy warns about read-only arrays even when only reading
+    tensor = torch.from_numpy(pixels).permute(2, 0, 1)[None]  # a channels-last view: the fast kernel's layout
+    resized = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resized[0].permute(1, 2, 0).numpy()
+
+
+#: Byte strings that mark orientation metadata (EXIF's APP1 header; XMP's tiff:Orientation).
+_ORIENTATION_MARKS = (b"Exif\x00\x00", b"Orientation")
+
+
+def _plain_jpeg(data: bytes, size: int, max_pixels: int) -> np.ndarray | None:
+    """``load_image(data, reduce_to=(size, size))`` for a JPEG that carries no orientation, or None.
+
+    A patch is decoded by libjpeg-turbo either way; simplejpeg calls it without PIL's Python-side header
+    and EXIF parsing (0.14 ms instead of ~0.3 ms for a 227-px patch). The DCT scale is the one PIL's
+    ``draft`` picks, and the pixels are PIL's exactly (tested). Anything unusual (orientation metadata,
+    CMYK, a size over the limit, a decoder complaint) returns None, and the caller takes PIL's path,
+    which decodes it or says what is wrong.
+    """
+    if simplejpeg is None or not data.startswith(b"\xff\xd8") or any(mark in data for mark in _ORIENTATION_MARKS):
+        return None
+    try:
+        height, width, colour, _ = simplejpeg.decode_jpeg_header(data)
+        if colour not in ("YCbCr", "Gray") or not 0 < width * height <= max_pixels:
+            return None
+        scale = min(width // size, height // size)
+        factor = next((s for s in (8, 4, 2) if scale >= s), 1)  # as JpegImageFile.draft chooses
+        shape = (-(-height // factor), -(-width // factor))
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_factor=factor,
+                                        min_height=shape[0], min_width=shape[1])
+    except ValueError:
+        return None
+    return pixels if pixels.shape[:2] == shape else None
 
 
 def load_patch(source: ImageSource, size: int, name: str | None = None) -> np.ndarray:
     """Decode an image and bring it to the model's input size: the eval preset's pixel half."""
-    return resize_rgb(load_image(source, reduce_to=(size, size), name=name), size)
+    name = name or describe(source)
+    data = _data(source, name)
+    pixels = _plain_jpeg(data, size, MAX_PIXELS)
+    if pixels is None:
+        pixels = np.asarray(load_image(data, reduce_to=(size, size), name=name))
+    return resize_rgb(pixels, size)
