@@ -10,7 +10,9 @@ import pytest
 
 from conftest import make_dataset
 from crackscan.cli import main
-from crackscan.export import OnnxRunner, cache_dir, export_onnx
+import torch
+
+from crackscan.export import OnnxRunner, _BorderedConv, _PixelsIn, cache_dir, export_onnx
 from crackscan.images import load_patch
 from crackscan.model import ModelError, load_model
 
@@ -76,6 +78,7 @@ def test_int8_export_runs_and_reports_agreement(model, patches, tmp_path):
     proto = onnx.load(str(tmp_path / "q.onnx"))
     ops = {n.op_type for n in proto.graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    assert not ops & {"Sub", "Div"}  # the normalisation is folded into the first convolution
     runner = OnnxRunner.from_file(tmp_path / "q.onnx")
     assert runner.meta == model.meta
     pixels = np.stack([load_patch(p, model.input_size) for p in patches[16:]])
@@ -85,6 +88,23 @@ def test_int8_export_runs_and_reports_agreement(model, patches, tmp_path):
     with pytest.raises(ValueError, match="calibration"):
         export_onnx(model, tmp_path / "x.onnx", int8=True)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_folding_the_normalisation_changes_nothing(model):
+    size, net = model.input_size, model.network("test")
+    plain = _PixelsIn(net, model.mean, model.std, size).eval()
+    folded = _PixelsIn(net, model.mean, model.std, size, fold=True).eval()
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (4, size, size, 3), dtype=np.uint8)
+    pixels[0], pixels[1, :3], pixels[2, :, -3:] = 255, 0, 255  # saturated images and edges: the border map counts
+    with torch.inference_mode():
+        want, got = plain(torch.from_numpy(pixels)), folded(torch.from_numpy(pixels))
+    assert (got - want).abs().max() < 1e-3 * max(1.0, float(want.abs().max()))
+    layer = next(m for m in folded.modules() if isinstance(m, _BorderedConv))
+    border = layer.border[0].abs().amax(dim=0)
+    # What the padding taps would have carried: only along the edges, and there it matters.
+    assert float(border[1:-1, 1:-1].max()) < 1e-4 < float(border[0].min())
+    assert not any(isinstance(m, _BorderedConv) for m in net.modules())  # the model itself is left as it was
 
 
 def test_unreadable_images_are_skipped_and_reported(model, patches, tmp_path, capsys):
