@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -170,3 +173,34 @@ def test_worker_processes_decode_exactly_what_threads_decode(tmp_path):
     assert processes.duplicates == threads.duplicates and len(threads.duplicates) == 1
     assert [(p.file, p.reason) for p in processes.problems] == [(p.file, p.reason) for p in threads.problems]
     assert any(p.file == "Positive/broken.jpg" for p in threads.problems)
+
+
+FORKED_TORCH = """
+import sys
+import torch
+from crackscan.data import load_dataset
+from crackscan.runtime import parallel_map
+
+def job(i):
+    torch.ones(2_000_000).sin().sum()  # large enough to be split across threads
+    return i
+
+torch.ones(2_000_000).sin().sum()  # the parent has entered OpenMP before the workers fork
+print(sum(parallel_map(job, list(range(4)), processes=True, chunksize=1)))
+print(len(load_dataset(sys.argv[1], 32, quiet=True, processes=True).samples))
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", None])
+def test_forked_workers_survive_torch_threads(tmp_path, capability):
+    # GNU OpenMP hangs in a child forked from a parent that used it, unless the child stays on one thread;
+    # the decode workers run torch (the resize). ATEN_CPU_CAPABILITY=default is how PyTorch runs on CPUs
+    # without AVX2, where its resize kernel is the generic, OpenMP-threaded one.
+    root = make_dataset(tmp_path / "data", per_class=6)
+    env = dict(os.environ)
+    if capability:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    run = subprocess.run([sys.executable, "-c", FORKED_TORCH, str(root)], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["6", "12"]

@@ -134,6 +134,26 @@ def test_orientation_metadata_takes_pils_path():
     assert load_image(buffer.getvalue()).size == (40, 120)  # turned, which only PIL's path does
 
 
+def test_multi_picture_files_take_pils_path():
+    # PIL opens MPO files as their own format and does not decode them at a reduced DCT scale.
+    frames = [Image.fromarray(np.full((300, 400, 3), v, dtype=np.uint8)) for v in (60, 200)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "MPO", save_all=True, append_images=frames[1:])
+    data = buffer.getvalue()
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    assert images._plain_jpeg(data, 32, MAX_PIXELS) is None
+    np.testing.assert_array_equal(load_patch(data, 32), _pil_patch(data, 32))
+
+
+def test_resize_refuses_what_is_not_rgb_uint8():
+    for bad in (np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8, 3), np.float32)):
+        with pytest.raises(ValueError, match="HxWx3 uint8"):
+            resize_rgb(bad, 4)
+    pixels = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    flipped = pixels[:, ::-1]  # negative strides, which torch.from_numpy refuses
+    np.testing.assert_array_equal(resize_rgb(flipped, 8), resize_rgb(np.ascontiguousarray(flipped), 8))
+
+
 def test_fast_path_respects_the_pixel_limit():
     data = _jpeg(300, 200)
     assert images._plain_jpeg(data, 32, MAX_PIXELS) is not None
@@ -147,12 +167,17 @@ LARGE_JPEGS = {"jpeg": _jpeg(120, 100), "progressive-jpeg": _jpeg(120, 100, prog
 def mutated_jpeg(draw):
     data = bytearray(LARGE_JPEGS[draw(st.sampled_from(sorted(LARGE_JPEGS)))])
     for _ in range(draw(st.integers(1, 3))):
+        if len(data) < 8:
+            break
         at = draw(st.integers(0, len(data) - 1))
-        kind = draw(st.sampled_from(["overwrite", "header", "truncate", "delete"]))
-        if kind == "overwrite":
+        kind = draw(st.sampled_from(["overwrite", "header", "scan", "truncate", "delete"]))
+        if kind == "scan":  # the entropy-coded data: headers stay intact, so the fast path decodes it
+            data[draw(st.integers(len(data) // 2, len(data) - 3))] = draw(st.integers(0, 255))
+        elif kind == "overwrite":
             data[at] = draw(st.integers(0, 255))
         elif kind == "header":
-            data[draw(st.integers(0, 200))] = draw(st.sampled_from([0x00, 0xFF, 0x7F, draw(st.integers(0, 255))]))
+            data[draw(st.integers(0, min(200, len(data) - 1)))] = draw(
+                st.sampled_from([0x00, 0xFF, 0x7F, draw(st.integers(0, 255))]))
         elif kind == "truncate":
             del data[max(1, at):]
         else:

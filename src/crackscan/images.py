@@ -2,7 +2,9 @@
 
 Every reader in crackscan (training, evaluation, prediction, scanning, the web service) goes through
 :func:`load_image`, so a file is either decoded the same way everywhere or refused everywhere with the
-same one-line reason.
+same one-line reason. Patch readers (training, evaluation, prediction, export, explain, the service's
+``/predict``) call :func:`load_patch`, which takes a faster route to the same pixels for plain JPEGs
+(:func:`_plain_jpeg`) and falls back to :func:`load_image` for everything else.
 """
 
 from __future__ import annotations
@@ -169,38 +171,50 @@ def load_image(
         raise ImageError(name, f"cannot decode ({reason})") from None
 
 
+#: PyTorch's uint8 antialiased resize is a port of PIL's with AVX2 intrinsics. Under any other CPU
+#: capability (AVX-512 included) it runs a generic kernel, slower than PIL's and threaded with OpenMP,
+#: so PIL resizes there.
+TORCH_RESIZE = torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
 def resize_rgb(pixels: np.ndarray, size: int) -> np.ndarray:
     """Resize HxWx3 uint8 pixels to ``size`` x ``size``: bilinear with antialiasing.
 
-    PyTorch's uint8 kernel for this is a port of PIL's (results within one level of ``Image.resize``,
-    almost always equal) and takes half its time on a 114-px patch (0.07 vs 0.15 ms), which counts when
-    the network classifies a patch in under a millisecond. The result is an HxWx3 view of the kernel's
-    planar output: making it contiguous here would cost another 0.05 ms, and ``np.stack`` copies it
-    into a batch as fast either way.
+    PyTorch's AVX2 kernel for this is a port of PIL's (results within one level of ``Image.resize``;
+    a few percent of the values differ by one) and takes half its time on a 114-px patch (0.07 vs
+    0.13-0.15 ms), which counts when the network classifies a patch in under a millisecond. The result
+    is then an HxWx3 view of the kernel's planar output: making it contiguous would cost another
+    0.05 ms, and ``np.stack`` copies it into a batch as fast either way.
     """
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise ValueError(f"expected HxWx3 uint8 pixels, got {pixels.dtype} of shape {pixels.shape}")
     if pixels.shape[:2] == (size, size):
         return pixels
-    if not pixels.flags.writeable:
-        pixels = pixels.copy()  # torch.from_numpy warns about read-only arrays even when only reading
+    if not TORCH_RESIZE:
+        resized = Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+        return np.asarray(resized)
+    if not (pixels.flags.writeable and pixels.flags.c_contiguous):
+        pixels = pixels.copy()  # torch.from_numpy refuses negative strides and warns about read-only arrays
     tensor = torch.from_numpy(pixels).permute(2, 0, 1)[None]  # a channels-last view: the fast kernel's layout
     resized = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return resized[0].permute(1, 2, 0).numpy()
 
 
-#: Byte strings that mark orientation metadata (EXIF's APP1 header; XMP's tiff:Orientation).
-_ORIENTATION_MARKS = (b"Exif\x00\x00", b"Orientation")
+#: Byte strings that send a JPEG to PIL: orientation metadata (EXIF's APP1 header, XMP's tiff:Orientation),
+#: and multi-picture files (MPO), which PIL opens as their own format and never decodes at a reduced scale.
+_PIL_ONLY_MARKS = (b"Exif\x00\x00", b"Orientation", b"MPF\x00")
 
 
 def _plain_jpeg(data: bytes, size: int, max_pixels: int) -> np.ndarray | None:
-    """``load_image(data, reduce_to=(size, size))`` for a JPEG that carries no orientation, or None.
+    """``load_image(data, reduce_to=(size, size))`` for a plain JPEG (no orientation, one picture), or None.
 
     A patch is decoded by libjpeg-turbo either way; simplejpeg calls it without PIL's Python-side header
     and EXIF parsing (0.14 ms instead of ~0.3 ms for a 227-px patch). The DCT scale is the one PIL's
     ``draft`` picks, and the pixels are PIL's exactly (tested). Anything unusual (orientation metadata,
-    CMYK, a size over the limit, a decoder complaint) returns None, and the caller takes PIL's path,
-    which decodes it or says what is wrong.
+    a multi-picture file, CMYK, a size over the limit, a decoder complaint) returns None, and the caller
+    takes PIL's path, which decodes it or says what is wrong.
     """
-    if simplejpeg is None or not data.startswith(b"\xff\xd8") or any(mark in data for mark in _ORIENTATION_MARKS):
+    if simplejpeg is None or not data.startswith(b"\xff\xd8") or any(mark in data for mark in _PIL_ONLY_MARKS):
         return None
     try:
         height, width, colour, _ = simplejpeg.decode_jpeg_header(data)

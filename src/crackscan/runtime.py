@@ -94,7 +94,7 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, processes: bool | 
     if processes:
         try:
             context = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_interrupt) as pool:
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker) as pool:
                 for result in pool.map(fn, items, chunksize=chunksize):
                     results.append(result)
                     progress(1)
@@ -110,6 +110,10 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, processes: bool | 
     return results
 
 
-def _ignore_interrupt() -> None:
+def _start_worker() -> None:
     # Ctrl-C reaches the whole process group; the parent stops the pool, the workers need not print tracebacks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # One thread per worker, as PyTorch's DataLoader does: the workers already fill the cores, and an
+    # OpenMP team entered in a child forked from a parent that used one (GNU libgomp) can hang for ever.
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
