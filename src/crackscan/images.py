@@ -225,7 +225,7 @@ def _plain_jpeg(data: bytes, size: int, max_pixels: int) -> np.ndarray | None:
         shape = (-(-height // factor), -(-width // factor))
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_factor=factor,
                                         min_height=shape[0], min_width=shape[1])
-    except ValueError:
+    except Exception:  # whatever simplejpeg objects to, PIL's path decodes it or names the problem
         return None
     return pixels if pixels.shape[:2] == shape else None
 
