@@ -5,9 +5,10 @@ does the cast, the normalisation and the layout change itself, so a caller in an
 to decode and resize, and passes a quarter of the bytes a float input would need. In the fp32 graph
 ONNX Runtime normalises whole NCHW planes at little cost; in the int8 graph it normalised the NHWC
 input, a broadcast over a last axis of 3 that took ~20% of the time, so there the normalisation is
-folded into the first convolution (:func:`_fold_normalisation`). Output: ``logits``, float32, N x 2. Every crackscan field travels in the
-file's ``metadata_props`` (the full metadata JSON under ``crackscan``, plus classes, crack_index,
-input_size, mean, std and threshold as separate keys for non-Python readers).
+folded into the first convolution (:func:`_fold_normalisation`). Output: ``logits``, float32, N x 2.
+Every crackscan field travels in the file's ``metadata_props`` (the full metadata JSON under
+``crackscan``, plus classes, crack_index, input_size, mean, std and threshold as separate keys for
+non-Python readers).
 
 The legacy TorchScript exporter (``dynamo=False``, opset 17) is used: it needs no ``onnxscript``,
 folds BatchNorm into the convolutions, and gives a plain graph that ONNX Runtime's optimiser and
@@ -15,10 +16,11 @@ quantiser handle well; the dynamo exporter moves to opset 18 and adds a dependen
 this network.
 
 int8 export is ONNX Runtime static quantization of that folded graph: QDQ format (the format ORT's
-CPU kernels are tuned for), uint8 activations, int8 weights, one scale per tensor, MinMax calibration. Per-tensor was chosen
-by measurement on the shipped model (2,000 held-out Mendeley patches, 256 calibration images): labels
-agreed with fp32 on 99.95% of them against 99.65% with per-channel weights; Percentile and Entropy
-calibration were no better than MinMax and four times slower.
+CPU kernels are tuned for), uint8 activations, int8 weights, one scale per tensor, MinMax
+calibration. Per-tensor was chosen by measurement on the shipped model (2,000 held-out Mendeley
+patches, 256 calibration images): labels agreed with fp32 on 99.95% of them against 99.65% with
+per-channel weights; Percentile and Entropy calibration were no better than MinMax and four times
+slower.
 """
 
 from __future__ import annotations
