@@ -78,7 +78,8 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise ImageError(name, f"cannot read file ({err.strerror or err})") from None
 
 
-def _data(source: ImageSource, name: str) -> bytes:
+def read_source(source: ImageSource, name: str) -> bytes:
+    """The bytes of a path, bytes or stream, or an ImageError (unreadable or empty) naming ``name``."""
     if isinstance(source, (str, os.PathLike)):
         data = read_bytes(source)
     elif isinstance(source, bytes):
@@ -91,7 +92,7 @@ def _data(source: ImageSource, name: str) -> bytes:
 
 
 def _open(source: ImageSource, name: str) -> Image.Image:
-    data = _data(source, name)
+    data = read_source(source, name)
     try:
         return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -233,7 +234,7 @@ def _plain_jpeg(data: bytes, size: int, max_pixels: int) -> np.ndarray | None:
 def load_patch(source: ImageSource, size: int, name: str | None = None) -> np.ndarray:
     """Decode an image and bring it to the model's input size: the eval preset's pixel half."""
     name = name or describe(source)
-    data = _data(source, name)
+    data = read_source(source, name)
     pixels = _plain_jpeg(data, size, MAX_PIXELS)
     if pixels is None:
         pixels = np.asarray(load_image(data, reduce_to=(size, size), name=name))

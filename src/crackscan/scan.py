@@ -43,7 +43,6 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -58,7 +57,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from crackscan.images import MAX_PIXELS, ImageError, ImageSource, describe, load_image, read_bytes
+from crackscan.images import MAX_PIXELS, ImageError, ImageSource, describe, load_image, read_source
 from crackscan.model import INFERENCE_CHUNK, CrackModel
 
 #: Output stride of MobileNetV2's convolutional base, in network pixels.
@@ -240,12 +239,7 @@ def decode_scaled(
         ImageError: Unreadable, too large, or so small a patch size that the scaled photo would be too large.
     """
     name = describe(source)
-    if isinstance(source, bytes):
-        data = source
-    elif isinstance(source, (str, os.PathLike)):
-        data = read_bytes(source)
-    else:
-        data = source.read()
+    data = read_source(source, name)
     size = _oriented_size(data)
     target = None
     if size is not None:
