@@ -25,6 +25,7 @@ from crackscan.data import (
     write_problems,
     write_split,
 )
+from crackscan.images import load_patch
 
 
 def _split_dataset(root: Path, seed: int = 0, run_length: int = 5):
@@ -112,6 +113,7 @@ def test_identical_file_in_both_classes_is_dropped(tmp_path):
     ds = load_dataset(root, 32, quiet=True)
     assert "Positive/00003.jpg" not in {s.rel for s in ds.samples}
     assert any("label conflict" in p.reason for p in ds.problems)
+    _assert_pixels_are_the_samples(ds, 32)
 
 
 def test_corrupt_files_are_reported_and_skipped(tmp_path):
@@ -173,6 +175,14 @@ def test_worker_processes_decode_exactly_what_threads_decode(tmp_path):
     assert processes.duplicates == threads.duplicates and len(threads.duplicates) == 1
     assert [(p.file, p.reason) for p in processes.problems] == [(p.file, p.reason) for p in threads.problems]
     assert any(p.file == "Positive/broken.jpg" for p in threads.problems)
+    _assert_pixels_are_the_samples(processes, 32)
+
+
+def _assert_pixels_are_the_samples(ds, size: int) -> None:
+    """Row i of the pixels is sample i's file, decoded (skipped, merged and dropped files leave no gap)."""
+    assert len(ds.pixels) == len(ds.samples)
+    for sample, pixels in zip(ds.samples, ds.pixels):
+        assert np.array_equal(pixels, load_patch(sample.path.read_bytes(), size)), sample.rel
 
 
 FORKED_TORCH = """

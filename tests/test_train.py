@@ -146,14 +146,15 @@ def test_views_are_cached_part_by_part_as_the_head_phase_needs_them(tiny_dataset
     ready = [trainer.images_at(e) for e in range(4)]
     assert ready == [-(-n * k // 4) for k in (1, 2, 3, 4)] and ready[0] < n
     # The shuffled order holds every training image once, with its label.
-    assert sorted(map(bytes, trainer.train_pixels)) == sorted(map(bytes, dataset.pixels[train_idx]))
-    order = [next(i for i in train_idx if np.array_equal(dataset.pixels[i], px)) for px in trainer.train_pixels]
+    shuffled = trainer.training_pixels(0, n)
+    assert sorted(map(bytes, shuffled)) == sorted(map(bytes, dataset.pixels[train_idx]))
+    order = [next(i for i in train_idx if np.array_equal(dataset.pixels[i], px)) for px in shuffled]
     assert order != sorted(order)
     assert trainer.y_train.tolist() == dataset.labels(order).tolist()
 
     assert trainer.views == [] and trainer.head_inputs(1).shape[:2] == (1, ready[0])
     with torch.inference_mode():
-        plain = trainer.lower(normalize_batch(trainer.train_pixels[: ready[0]], (0.485, 0.456, 0.406),
+        plain = trainer.lower(normalize_batch(shuffled[: ready[0]], (0.485, 0.456, 0.406),
                                               (0.229, 0.224, 0.225)))
         pooled = trainer.upper[:-1](plain)
     # Computed by ONNX Runtime (float16 cache): the eager PyTorch values to rounding.
@@ -167,7 +168,53 @@ def test_views_are_cached_part_by_part_as_the_head_phase_needs_them(tiny_dataset
                                                            epoch(phase, e, opt, sched, inputs))[1]
     trainer.fit()  # head phase only: all of view 0, then the augmented view, must join during it
     assert drawn_from == [(1, ready[0]), (1, ready[1]), (1, ready[2]), (2, n)]
-    assert len(trainer.views) == 2 and trainer.train_pixels is None
+    assert len(trainer.views) == 2 and trainer.runner is None
     assert torch.allclose(trainer.views[0][: ready[0]].float(), plain, atol=1e-2, rtol=1e-2)
     assert not torch.equal(trainer.views[1], trainer.views[0])
     assert [row["phase"] for row in trainer.history] == ["head"] * 4
+
+
+def test_hard_negatives_are_drawn_as_their_part_is_needed(tiny_dataset, tmp_path):
+    # Drawn copies of training negatives join the training set labelled negative, spread through the
+    # shuffled order; the first part of view 0 must not wait for lines drawn on the other parts, and an
+    # item's pixels are the same whichever call draws them.
+    import numpy as np
+    import torch
+
+    from crackscan.data import assign_groups, load_dataset, split_groups
+    from crackscan.model import build_model
+    from crackscan.train import Trainer, TrainConfig, _draw_negative
+
+    config = TrainConfig(data=str(tiny_dataset), input_size=64, views=2, head_epochs=4, finetune_epochs=0,
+                         hard_negatives=0.5, run_length=5, quiet=True)
+    dataset = load_dataset(tiny_dataset, config.input_size, quiet=True)
+    assign_groups(dataset, None, config.run_length)
+    split_groups(dataset, config.val_fraction, config.test_fraction, config.seed)
+    trainer = Trainer(config, tmp_path, build_model().eval(), dataset)
+    trainer.build_caches()
+    train_idx = dataset.indices("train")
+    labels = dataset.labels(train_idx)
+    negative = 1 - dataset.crack_index
+    n_extra = round(0.5 * int((labels == negative).sum()))
+    n = len(train_idx) + n_extra
+    assert trainer.n_hard_negatives == n_extra and len(trainer.y_train) == n
+    assert int((trainer.y_train == negative).sum()) == int((labels == negative).sum()) + n_extra
+
+    first = trainer.images_at(0)
+    drawn_first = int((trainer.train_draw[:first] >= 0).sum())
+    assert 0 < drawn_first < n_extra and len(trainer._drawn) == drawn_first  # only the first part's lines
+
+    whole = trainer.training_pixels(0, n)
+    assert len(trainer._drawn) == n_extra
+    plain = dataset.pixels[trainer.train_source]
+    is_drawn = trainer.train_draw >= 0
+    assert np.array_equal(whole[~is_drawn], plain[~is_drawn])
+    for k in np.flatnonzero(is_drawn):
+        assert trainer.y_train[k] == negative and labels[trainer.train_draw[k]] == negative
+        expected = _draw_negative((plain[k], int(trainer.train_draw[k])), config.seed)
+        assert np.array_equal(whole[k], expected) and not np.array_equal(whole[k], plain[k])
+    # A later call for a range gives what the whole-set call gave.
+    trainer._drawn.clear()
+    assert np.array_equal(trainer.training_pixels(first, n), whole[first:])
+    with torch.inference_mode():
+        assert trainer.head_inputs(1).shape[:2] == (1, first)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import multiprocessing
 import os
 import signal
@@ -19,6 +20,8 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Sequence, TypeVar
+
+import numpy as np
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -63,6 +66,17 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def shared_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array in memory that processes forked after this call share with this one.
+
+    What a :func:`parallel_map` worker process writes into it, the caller sees (an anonymous shared
+    mapping), so large results need not be pickled back through a pipe. Threads share it as any array.
+    """
+    count = int(np.prod(shape))
+    buffer = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize))
+    return np.frombuffer(buffer, dtype, count=count).reshape(shape)
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, processes: bool | None = None,

@@ -331,18 +331,28 @@ class Trainer:
         c, ds = self.config, self.dataset
         t0 = time.perf_counter()
         train_idx, val_idx = ds.indices("train"), ds.indices("val")
-        train_pixels, train_labels = ds.pixels[train_idx], ds.labels(train_idx)
+        train_labels = ds.labels(train_idx)
+        # Training item k is dataset image source[k], with a man-made line drawn on it when draw[k] >= 0
+        # (draw[k] seeds the drawing). Pixels are gathered, and lines drawn, only for the part of the
+        # training set that the base is about to run over: no copy of the whole set up front.
+        source, draw = train_idx, np.full(len(train_idx), -1)
         if c.hard_negatives > 0:
-            train_pixels, train_labels = self._add_hard_negatives(train_pixels, train_labels)
+            negative = 1 - ds.crack_index
+            pool = np.flatnonzero(train_labels == negative)
+            rng = np.random.default_rng(c.seed + 17)
+            chosen = rng.choice(pool, size=min(len(pool), round(c.hard_negatives * len(pool))), replace=False)
+            source, draw = np.concatenate([source, train_idx[chosen]]), np.concatenate([draw, chosen])
+            train_labels = np.concatenate([train_labels, np.full(len(chosen), negative)])
+            self.n_hard_negatives = len(chosen)
         order = np.random.default_rng([c.seed, 29]).permutation(len(train_labels))
-        train_pixels, train_labels = train_pixels[order], train_labels[order]
-        self.y_train = torch.from_numpy(train_labels)
+        self.train_source, self.train_draw = source[order], draw[order]
+        self._drawn: dict[int, np.ndarray] = {}
+        self.y_train = torch.from_numpy(train_labels[order])
         self.y_val = torch.from_numpy(ds.labels(val_idx))
         self.preset = TrainPreset(c.input_size, c.augment)
         self.n_views = max(1, c.views) if c.augment != Augment.none() else 1
-        self.train_pixels = train_pixels
-        shown = train_pixels[: min(16, len(train_pixels))]
-        self.sample_views = augmented_view(shown, self.preset, 1, c.seed) if self.n_views > 1 else shown.copy()
+        shown = self.training_pixels(0, min(16, len(order)))
+        self.sample_views = augmented_view(shown, self.preset, 1, c.seed) if self.n_views > 1 else shown
         upper_base = nn.Sequential(*list(self.upper.children())[:-1])  # everything but the head
         self.base = _BaseOutputs(self.lower, upper_base).eval()
         self.runner = base_runner(self.base, c.input_size)
@@ -366,7 +376,7 @@ class Trainer:
                 done = sum(len(a) for a, _ in self._parts)
                 stop = total if images is None or n > 1 else max(done, min(total, images))
                 if stop > done:
-                    self._parts.append(run_base(self.base, self.train_pixels[done:stop], 128,
+                    self._parts.append(run_base(self.base, self.training_pixels(done, stop), 128,
                                                 f"base view 1/{self.n_views}", c.quiet, self.runner))
                 if stop < total:
                     return
@@ -375,14 +385,14 @@ class Trainer:
                 self._parts = []
             else:
                 # One view at a time: only its activations are kept, not the augmented pixels.
-                pixels = augmented_view(self.train_pixels, self.preset, v, c.seed)
+                pixels = augmented_view(self.training_pixels(0, total), self.preset, v, c.seed)
                 activations, features = run_base(self.base, pixels, 128, f"base view {v + 1}/{self.n_views}",
                                                  c.quiet, self.runner)
                 del pixels
             self.views.append(activations)
             self.view_features.append(features)
         if len(self.views) == self.n_views:
-            self.train_pixels = self.runner = None  # every view is cached: pixels and session can go
+            self._drawn, self.runner = {}, None  # every view is cached: drawn lines and session can go
 
     def head_inputs(self, n_views: int) -> torch.Tensor:
         """Pooled features of the first ``n_views`` views (V x N x 1280), or of view 0's ready part (1 x M x 1280)."""
@@ -408,18 +418,21 @@ class Trainer:
         joined = 1 + head_epoch * self.n_views // max(1, self.config.head_epochs)
         return 1 if self.images_at(head_epoch) < len(self.y_train) else min(self.n_views, joined)
 
-    def _add_hard_negatives(self, pixels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Append drawn man-made-line copies of a fraction of the training negatives (labelled negative)."""
-        negative = 1 - self.dataset.crack_index
-        rng = np.random.default_rng(self.config.seed + 17)
-        pool = np.flatnonzero(labels == negative)
-        chosen = rng.choice(pool, size=min(len(pool), round(self.config.hard_negatives * len(pool))), replace=False)
-        # One generator per image, so the drawing is the same in any order and on any worker.
+    def training_pixels(self, start: int, stop: int) -> np.ndarray:
+        """Pixels of training items ``start:stop`` in the shuffled order, hard negatives drawn.
+
+        Each hard negative is drawn the first time it is asked for (one generator per item, so the
+        drawing is the same in any order and on any worker) and kept for the views that follow.
+        """
+        out = self.dataset.pixels[self.train_source[start:stop]]
+        keys = self.train_draw[start:stop]
+        todo = [j for j in np.flatnonzero(keys >= 0) if int(keys[j]) not in self._drawn]
         drawn = parallel_map(functools.partial(_draw_negative, seed=self.config.seed),
-                             [(pixels[i], int(i)) for i in chosen])
-        extra = np.stack(drawn) if drawn else pixels[:0]
-        self.n_hard_negatives = len(extra)
-        return np.concatenate([pixels, extra]), np.concatenate([labels, np.full(len(extra), negative)])
+                             [(out[j], int(keys[j])) for j in todo])
+        self._drawn.update((int(keys[j]), px) for j, px in zip(todo, drawn))
+        for j in np.flatnonzero(keys >= 0):
+            out[j] = self._drawn[int(keys[j])]
+        return out
 
     # -- one epoch ----------------------------------------------------------------------------
     def _epoch(self, phase: str, epoch: int, opt, sched, inputs) -> tuple[float, float]:
