@@ -143,8 +143,9 @@ class _PixelsIn(nn.Module):
         super().__init__()
         self.net = _fold_normalisation(net, mean, std, size) if fold else net
         self.fold = fold
-        self.register_buffer("shift", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("scale", torch.tensor(std).view(1, 3, 1, 1) * 255.0)
+        if not fold:  # folded, the first layer holds them
+            self.register_buffer("shift", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
+            self.register_buffer("scale", torch.tensor(std).view(1, 3, 1, 1) * 255.0)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.permute(0, 3, 1, 2).float()
