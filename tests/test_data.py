@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import make_dataset, require, MENDELEY_DEV
+from crackscan import data as data_module
 from crackscan.data import (
     DataError,
     apply_split,
@@ -176,6 +177,7 @@ def test_worker_processes_decode_exactly_what_threads_decode(tmp_path):
     assert [(p.file, p.reason) for p in processes.problems] == [(p.file, p.reason) for p in threads.problems]
     assert any(p.file == "Positive/broken.jpg" for p in threads.problems)
     _assert_pixels_are_the_samples(processes, 32)
+    assert data_module._OUTPUTS == {}  # the workers' view of each pixel array is let go
 
 
 def _assert_pixels_are_the_samples(ds, size: int) -> None:

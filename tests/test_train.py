@@ -204,17 +204,22 @@ def test_hard_negatives_are_drawn_as_their_part_is_needed(tiny_dataset, tmp_path
     drawn_first = int((trainer.train_draw[:first] >= 0).sum())
     assert 0 < drawn_first < n_extra and len(trainer._drawn) == drawn_first  # only the first part's lines
 
+    # Drawn lazily, the training set is what drawing every line up front gave (the code before this
+    # was lazy): the negatives chosen, the lines, the shuffled order.
+    pixels = dataset.pixels[train_idx]
+    pool = np.flatnonzero(labels == negative)
+    chosen = np.random.default_rng(config.seed + 17).choice(pool, size=n_extra, replace=False)
+    eager = np.concatenate([pixels, np.stack([_draw_negative((pixels[i], int(i)), config.seed) for i in chosen])])
+    eager_labels = np.concatenate([labels, np.full(n_extra, negative)])
+    order = np.random.default_rng([config.seed, 29]).permutation(n)
     whole = trainer.training_pixels(0, n)
+    assert np.array_equal(whole, eager[order]) and trainer.y_train.tolist() == eager_labels[order].tolist()
     assert len(trainer._drawn) == n_extra
-    plain = dataset.pixels[trainer.train_source]
     is_drawn = trainer.train_draw >= 0
-    assert np.array_equal(whole[~is_drawn], plain[~is_drawn])
-    for k in np.flatnonzero(is_drawn):
-        assert trainer.y_train[k] == negative and labels[trainer.train_draw[k]] == negative
-        expected = _draw_negative((plain[k], int(trainer.train_draw[k])), config.seed)
-        assert np.array_equal(whole[k], expected) and not np.array_equal(whole[k], plain[k])
-    # A later call for a range gives what the whole-set call gave.
+    assert not any(np.array_equal(whole[k], dataset.pixels[trainer.train_source[k]]) for k in np.flatnonzero(is_drawn))
+    # A call for a later range, with nothing kept, gives what the whole-set call gave.
     trainer._drawn.clear()
     assert np.array_equal(trainer.training_pixels(first, n), whole[first:])
-    with torch.inference_mode():
-        assert trainer.head_inputs(1).shape[:2] == (1, first)
+    # Once every view is cached, the drawn lines and the ONNX Runtime session are let go.
+    trainer.ensure_views(trainer.n_views)
+    assert len(trainer.views) == 2 and trainer._drawn is None and trainer.runner is None

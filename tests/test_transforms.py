@@ -85,3 +85,16 @@ def test_man_made_negative_refuses_an_unknown_kind():
     patch = np.full((32, 32, 3), 128, np.uint8)
     with pytest.raises(ValueError, match="kind must be one of"):
         man_made_negative(patch, np.random.default_rng(0), kind="crack")
+
+
+def test_normalize_batch_takes_read_only_pixels_without_a_warning():
+    # A loaded dataset's pixels are read-only; PyTorch warns (once per process) when it wraps such memory.
+    import warnings
+
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    frozen = pixels.copy()
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = normalize_batch(frozen, IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.equal(out, normalize_batch(pixels, IMAGENET_MEAN, IMAGENET_STD))

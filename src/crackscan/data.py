@@ -63,7 +63,7 @@ class Dataset:
     classes: list[str]
     crack_index: int
     samples: list[Sample]
-    pixels: np.ndarray  # N x S x S x 3 uint8, aligned with samples
+    pixels: np.ndarray  # N x S x S x 3 uint8, aligned with samples; read-only (may be memory shared with workers)
     problems: list[Problem] = field(default_factory=list)
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (dropped copy, kept file)
 
@@ -205,12 +205,16 @@ def load_dataset(
     for label, name in enumerate(classes):
         if not any(s.label == label for s in samples):
             raise DataError(f"{root / name}: no readable images left in this class (see the skipped-files report)")
+    pixels = decoded if len(rows) == len(files) else decoded[rows]
+    # Read-only: a process forked later would otherwise write into this process's pixels through the
+    # shared mapping, with no copy-on-write between them.
+    pixels.flags.writeable = False
     return Dataset(
         root=root,
         classes=classes,
         crack_index=crack_index,
         samples=samples,
-        pixels=decoded if len(rows) == len(files) else decoded[rows],
+        pixels=pixels,
         problems=problems,
         duplicates=duplicates,
     )

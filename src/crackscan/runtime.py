@@ -73,6 +73,8 @@ def shared_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
 
     What a :func:`parallel_map` worker process writes into it, the caller sees (an anonymous shared
     mapping), so large results need not be pickled back through a pipe. Threads share it as any array.
+    The sharing lasts: a process forked later can write into it too (there is no copy-on-write), so
+    make it read-only once it is filled.
     """
     count = int(np.prod(shape))
     buffer = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize))

@@ -346,11 +346,12 @@ class Trainer:
             self.n_hard_negatives = len(chosen)
         order = np.random.default_rng([c.seed, 29]).permutation(len(train_labels))
         self.train_source, self.train_draw = source[order], draw[order]
-        self._drawn: dict[int, np.ndarray] = {}
         self.y_train = torch.from_numpy(train_labels[order])
         self.y_val = torch.from_numpy(ds.labels(val_idx))
         self.preset = TrainPreset(c.input_size, c.augment)
         self.n_views = max(1, c.views) if c.augment != Augment.none() else 1
+        # Drawn hard negatives, kept while augmented views are still to be made from them.
+        self._drawn: dict[int, np.ndarray] | None = {} if self.n_views > 1 else None
         shown = self.training_pixels(0, min(16, len(order)))
         self.sample_views = augmented_view(shown, self.preset, 1, c.seed) if self.n_views > 1 else shown
         upper_base = nn.Sequential(*list(self.upper.children())[:-1])  # everything but the head
@@ -392,7 +393,7 @@ class Trainer:
             self.views.append(activations)
             self.view_features.append(features)
         if len(self.views) == self.n_views:
-            self._drawn, self.runner = {}, None  # every view is cached: drawn lines and session can go
+            self._drawn = self.runner = None  # every view is cached: drawn lines and session can go
 
     def head_inputs(self, n_views: int) -> torch.Tensor:
         """Pooled features of the first ``n_views`` views (V x N x 1280), or of view 0's ready part (1 x M x 1280)."""
@@ -422,16 +423,18 @@ class Trainer:
         """Pixels of training items ``start:stop`` in the shuffled order, hard negatives drawn.
 
         Each hard negative is drawn the first time it is asked for (one generator per item, so the
-        drawing is the same in any order and on any worker) and kept for the views that follow.
+        drawing is the same in any order and on any worker) and, when augmented views will be made
+        from the same items, kept for them.
         """
         out = self.dataset.pixels[self.train_source[start:stop]]
         keys = self.train_draw[start:stop]
-        todo = [j for j in np.flatnonzero(keys >= 0) if int(keys[j]) not in self._drawn]
+        cache = self._drawn if self._drawn is not None else {}
+        todo = [j for j in np.flatnonzero(keys >= 0) if int(keys[j]) not in cache]
         drawn = parallel_map(functools.partial(_draw_negative, seed=self.config.seed),
                              [(out[j], int(keys[j])) for j in todo])
-        self._drawn.update((int(keys[j]), px) for j, px in zip(todo, drawn))
+        cache.update((int(keys[j]), px) for j, px in zip(todo, drawn))
         for j in np.flatnonzero(keys >= 0):
-            out[j] = self._drawn[int(keys[j])]
+            out[j] = cache[int(keys[j])]
         return out
 
     # -- one epoch ----------------------------------------------------------------------------

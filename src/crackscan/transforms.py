@@ -22,6 +22,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def normalize_batch(pixels: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """NxHxWx3 uint8 -> Nx3xHxW float32 normalised, in channels_last memory (the fast layout on CPU)."""
+    if isinstance(pixels, np.ndarray) and not pixels.flags.writeable:
+        pixels = pixels.copy()  # read-only memory (a loaded dataset's pixels): torch warns about wrapping it
     batch = torch.as_tensor(pixels)
     if batch.ndim == 3:
         batch = batch.unsqueeze(0)
