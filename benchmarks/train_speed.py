@@ -10,7 +10,7 @@ batch 32, DataLoader without workers. Its validation passes are *not* counted on
 favours the reference; its data loading is counted. It validates every 400 training images (--eval-every) and stops at the target or at --reference-budget seconds; when the
 budget runs out first the speed-up is reported as a lower bound ("> N x").
 
-    python benchmarks/train_speed.py                  # full run, ~20-30 min on 2 cores; run it alone
+    python benchmarks/train_speed.py                  # full run, ~3-4 min on 2 cores; run it alone
     python benchmarks/train_speed.py --quick          # smoke run on a few hundred images
 """
 
