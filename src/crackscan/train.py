@@ -422,18 +422,18 @@ class Trainer:
     def training_pixels(self, start: int, stop: int) -> np.ndarray:
         """Pixels of training items ``start:stop`` in the shuffled order, hard negatives drawn.
 
-        Each hard negative is drawn the first time it is asked for (one generator per item, so the
-        drawing is the same in any order and on any worker) and, when augmented views will be made
-        from the same items, kept for them.
+        A hard negative is drawn from its own generator (the same lines in any order and on any worker),
+        once while augmented views are still to be made from it (kept in ``_drawn``), else at each call.
         """
         out = self.dataset.pixels[self.train_source[start:stop]]
         keys = self.train_draw[start:stop]
+        hard = np.flatnonzero(keys >= 0)
         cache = self._drawn if self._drawn is not None else {}
-        todo = [j for j in np.flatnonzero(keys >= 0) if int(keys[j]) not in cache]
+        todo = [j for j in hard if int(keys[j]) not in cache]
         drawn = parallel_map(functools.partial(_draw_negative, seed=self.config.seed),
                              [(out[j], int(keys[j])) for j in todo])
         cache.update((int(keys[j]), px) for j, px in zip(todo, drawn))
-        for j in np.flatnonzero(keys >= 0):
+        for j in hard:
             out[j] = cache[int(keys[j])]
         return out
 
