@@ -3,7 +3,8 @@
 For a 12-MP photo (../shared/data/photos/floor-crack-4032x3024.jpg when present, else a generated
 4032x3024 one) it times `scan_photo` with method "dense" (the default: one pass of the base, then up to
 256 crops verifying the flagged regions' borders), "dense" with ``verify=128`` and ``verify=0`` (the raw dense map) and
-"crops" (with the default backend, ONNX Runtime, and with PyTorch, the dense pass's framework), at the same
+"dense" with its base in PyTorch's tiles instead of one ONNX Runtime pass (what photos over
+``scan.WHOLE_PASS_PIXELS`` get), and "crops" (with the default backend, ONNX Runtime, and with PyTorch), at the same
 output stride (the network's own: 32 network px), decode included, and compares the
 dense maps with the crops' map: Pearson r of probabilities
 and of logits, largest difference, share of cells with the same label at the model's threshold. Each
@@ -182,6 +183,7 @@ def main() -> None:
         dense = measure(model, photo, "dense", args.repeats, args.threads, tmp / "dense.npy")
         raw = measure(model, photo, "dense-raw", args.repeats, args.threads, tmp / "raw.npy")
         half = measure(model, photo, "dense-verify-128", args.repeats, args.threads, None)
+        tiled = measure(model, photo, "dense-tiled", args.repeats, args.threads, None)
         # Twice, so that crops too are timed warm, as the dense runs are (the first run of each pays start-up).
         crops = measure(model, photo, "crops", 2, args.threads, tmp / "crops.npy")
         crops_torch = measure(model, photo, "crops-torch", 2, args.threads, None)
@@ -189,7 +191,8 @@ def main() -> None:
         agree_raw = agreement(np.load(tmp / "raw.npy"), np.load(tmp / "crops.npy"), dense["threshold"])
         mp = f"{size[0] * size[1] / 1e6:.0f}-MP"
         rows = [dict(case=f"{mp} dense (verified)", **dense), dict(case=f"{mp} dense, --verify 128", **half),
-                dict(case=f"{mp} dense raw", **raw), dict(case=f"{mp} crops", **crops),
+                dict(case=f"{mp} dense raw", **raw), dict(case=f"{mp} dense, PyTorch tiles", **tiled),
+                dict(case=f"{mp} crops", **crops),
                 dict(case=f"{mp} crops, PyTorch", **crops_torch)]
         if not args.quick:
             big = generated_photo(tmp / "photo-50mp.jpg", 8160, 6120)
@@ -198,6 +201,7 @@ def main() -> None:
     speedup = crops["seconds"] / dense["seconds"]
     speedups = {"dense_vs_crops": round(speedup, 2),
                 "dense_vs_crops_torch": round(crops_torch["seconds"] / dense["seconds"], 2),
+                "dense_tiled_vs_crops": round(crops["seconds"] / tiled["seconds"], 2),
                 "dense_raw_vs_crops": round(crops["seconds"] / raw["seconds"], 2),
                 "dense_raw_vs_crops_torch": round(crops_torch["seconds"] / raw["seconds"], 2)}
     print(f"\n{'case':<28}{'seconds':>9}{'first run':>11}{'map':>10}{'stride px':>11}{'RSS before':>12}"

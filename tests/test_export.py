@@ -12,7 +12,7 @@ from conftest import make_dataset
 from crackscan.cli import main
 import torch
 
-from crackscan.export import OnnxRunner, _BorderedConv, _PixelsIn, cache_dir, export_onnx
+from crackscan.export import OnnxRunner, _BorderedConv, _PixelsIn, cache_dir, cell_logits_runner, export_onnx
 from crackscan.images import load_patch
 from crackscan.model import ModelError, build_model, load_model
 
@@ -178,6 +178,21 @@ def test_onnx_backend_equals_torch_and_is_cached(tiny_model_path, patches, tmp_p
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
     in_memory = OnnxRunner.from_model(again)
     assert in_memory.path == "" and np.allclose(in_memory.logits(pixels), rebuilt.logits(pixels), atol=1e-6)
+
+
+def test_whole_image_graph_is_cached_beside_the_patch_graph(tiny_model_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    pixels = np.random.default_rng(0).integers(0, 256, (100, 70, 3), dtype=np.uint8)
+    first = cell_logits_runner(load_model(tiny_model_path))(pixels)
+    cached = list(cache_dir().iterdir())
+    assert [p.name.endswith("-cells.onnx") for p in cached] == [True]
+    inode = cached[0].stat().st_ino
+    again = cell_logits_runner(load_model(tiny_model_path))(pixels)
+    assert cached[0].stat().st_ino == inode  # reused, not exported again
+    assert first.shape == (2, 4, 3) and np.array_equal(first, again)
+    # The patch graph of the same model is another file.
+    OnnxRunner.from_model(load_model(tiny_model_path))
+    assert len(list(cache_dir().glob("*.onnx"))) == 2
 
 
 def test_export_cli(tiny_model_path, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import functools
 import io
@@ -22,8 +23,10 @@ from crackscan.images import ImageError
 from crackscan.model import build_model, load_model, load_pretrained_base, make_meta, save_model
 from crackscan.predict import expand_paths
 from crackscan.scan import (
+    _WHOLE_PASS,
     ScanResult,
     cell_logits,
+    dense_logits,
     decode_scaled,
     probability_png,
     render_overlay,
@@ -143,6 +146,44 @@ def test_tiled_base_equals_one_pass(head_model, tmp_path):
     assert whole.shape == tiled.shape == (2, 11, 15)
     assert torch.allclose(whole, reference, atol=1e-4)
     assert torch.allclose(tiled, reference, atol=1e-4)
+
+
+def _own_copy(model):
+    """The same model with its own network, so that no other test's cached sessions belong to it."""
+    from crackscan.model import CrackModel
+
+    return CrackModel(module=copy.deepcopy(model.module), meta=dict(model.meta))
+
+
+@pytest.mark.parametrize("size", [(150, 203), (352, 480)])
+def test_whole_onnx_pass_equals_the_tiled_pytorch_pass(tiny_model, size):
+    # Sizes that are not multiples of 32 included: each stride-2 layer pads the same way in both.
+    model = _own_copy(tiny_model)
+    pixels = np.asarray(concrete_patch(np.random.default_rng(7), 256, True).resize(size[::-1]))
+    tiled = dense_logits(model, pixels, "onnx", whole_pass_pixels=0, max_values=2_000_000)
+    assert model.module not in _WHOLE_PASS  # too large for one pass: PyTorch's tiles
+    whole = dense_logits(model, pixels, "onnx")
+    assert model.module in _WHOLE_PASS
+    assert whole.shape == tiled.shape == (2, -(-size[0] // 32), -(-size[1] // 32))
+    scale = float(tiled.abs().max())
+    torch.testing.assert_close(whole, tiled, atol=1e-4 * scale, rtol=1e-4)
+
+
+def test_default_scan_runs_one_onnx_pass_with_the_same_map(tiny_model, tmp_path):
+    path = grid_photo(tmp_path / "grid.jpg", [[False, True, False, True], [True, False, False, False]])
+    in_torch = _own_copy(tiny_model)
+    reference = scan_photo(in_torch, path, backend="torch")
+    assert in_torch.module not in _WHOLE_PASS and in_torch._onnx is None
+    by_default = _own_copy(tiny_model)
+    fast = scan_photo(by_default, path)
+    assert by_default.module in _WHOLE_PASS
+    np.testing.assert_allclose(fast.probability, reference.probability, atol=1e-4)
+    # Over the limit, the tiled PyTorch pass: the same map again.
+    tiled = _own_copy(tiny_model)
+    scaled, size = decode_scaled(path, tiled.input_size / 227)
+    over = scan_scaled(tiled, scaled, size, whole_pass_pixels=0)
+    assert tiled.module not in _WHOLE_PASS
+    np.testing.assert_allclose(over.probability, fast.probability, atol=1e-4)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

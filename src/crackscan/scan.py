@@ -29,7 +29,12 @@ so a requested ``stride`` is rounded to the nearest such step. For drawing and f
 the square around its patch's centre, and the outer cells reach to the photo's edges
 (:meth:`ScanResult.cell_edges`), so the cells tile the photo exactly.
 
-Memory. The base runs in three stages, each over overlapping tiles of its input. A tile is read with a
+Speed. A photo of up to :data:`WHOLE_PASS_PIXELS` scaled pixels (a 12-MP photo at the default scale is
+2.2 million) runs the base in one ONNX Runtime pass (:func:`crackscan.export.cell_logits_runner`),
+about twice as fast as PyTorch on 2 cores, with memory that grows with the photo. Larger photos, or
+``backend="torch"``, take the tiled PyTorch pass below, whose memory is bounded.
+
+Memory. In the tiled pass the base runs in three stages, each over overlapping tiles of its input. A tile is read with a
 margin as wide as the stage's receptive-field radius and the margin's output is thrown away, so the
 tiled result equals one pass over the whole photo (to float rounding; ``tests/test_scan.py`` checks it)
 while the largest activation stays under :data:`TILE_VALUES`. Only the small maps between stages are
@@ -58,7 +63,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from crackscan.images import MAX_PIXELS, ImageError, ImageSource, describe, load_image, read_source
-from crackscan.model import INFERENCE_CHUNK, CrackModel
+from crackscan.model import INFERENCE_CHUNK, CrackModel, resolve_backend
 
 #: Output stride of MobileNetV2's convolutional base, in network pixels.
 NETWORK_STRIDE = 32
@@ -442,8 +447,32 @@ def cell_logits(model: CrackModel, pixels: np.ndarray, *, max_values: int = TILE
     return out[0]
 
 
-def _dense_map(model: CrackModel, work: np.ndarray, grid: _Grid, **tiling: Any) -> np.ndarray:
-    logits = cell_logits(model, work, **tiling)
+#: Largest scaled photo, in network pixels, whose base runs in one ONNX Runtime pass: a 12-MP photo at
+#: the default scale is 2.2 million. ONNX Runtime plans every activation of the pass at once, ~0.4 KB per
+#: network pixel (0.8 GB for a 12-MP photo, measured), so larger photos take the tiled PyTorch pass.
+WHOLE_PASS_PIXELS = 2_600_000
+
+_WHOLE_PASS: "weakref.WeakKeyDictionary[nn.Module, Callable[[np.ndarray], np.ndarray]]" = weakref.WeakKeyDictionary()
+
+
+def dense_logits(model: CrackModel, pixels: np.ndarray, backend: str = "auto", *,
+                 whole_pass_pixels: int = WHOLE_PASS_PIXELS, max_values: int = TILE_VALUES) -> torch.Tensor:
+    """:func:`cell_logits`, in one ONNX Runtime pass when ``backend`` resolves to ONNX Runtime and the
+    image has at most ``whole_pass_pixels`` pixels (about twice as fast on 2 cores); tiled PyTorch otherwise.
+    The two agree to float rounding (``tests/test_scan.py``)."""
+    if resolve_backend(backend) == "onnx" and pixels.shape[0] * pixels.shape[1] <= whole_pass_pixels:
+        network = model.network("scan")
+        run = _WHOLE_PASS.get(network)
+        if run is None:
+            from crackscan.export import cell_logits_runner
+
+            run = _WHOLE_PASS[network] = cell_logits_runner(model)
+        return torch.from_numpy(run(pixels))
+    return cell_logits(model, pixels, max_values=max_values)
+
+
+def _dense_map(model: CrackModel, work: np.ndarray, grid: _Grid, backend: str = "auto", **tiling: Any) -> np.ndarray:
+    logits = dense_logits(model, work, backend, **tiling)
     # A patch's own feature map is ceil(window / 32) cells a side (each stride-2 layer pads); round() would
     # pool 2 cells for an 80-px patch (round half to even) and give the map an extra row and column.
     cells = max(1, math.ceil(grid.window / NETWORK_STRIDE))
@@ -535,9 +564,9 @@ def scan_scaled(
     """Scan a photo that is already decoded and scaled by ``model.input_size / patch_size``.
 
     :func:`scan_photo` decodes and calls this; callers that keep the decoded image (the overlay, the web
-    service) use it directly. ``backend`` classifies the crops, the crop method's and verification's (see
-    :meth:`CrackModel.crack_probability`; the dense pass is PyTorch's); ``tiling`` passes ``max_values`` to
-    :func:`cell_logits`.
+    service) use it directly. ``backend`` runs the network: the crops, the crop method's and verification's
+    (see :meth:`CrackModel.crack_probability`), and the dense pass (:func:`dense_logits`); ``tiling`` passes
+    ``whole_pass_pixels`` and ``max_values`` to :func:`dense_logits`.
     """
     _check(patch_size, stride, threshold, method, verify)
     started = time.perf_counter()
@@ -549,7 +578,7 @@ def scan_scaled(
     threshold = float(model.threshold if threshold is None else threshold)
     verified = rejected = 0
     if method == "dense":
-        probability = _dense_map(model, work, grid, **tiling)
+        probability = _dense_map(model, work, grid, backend, **tiling)
         if verify:
             # At the model's own threshold whatever the caller judges at, so that the map, and what the
             # web page's slider redraws from it, is one map: scan(threshold=t) == scan().with_threshold(t).
@@ -586,6 +615,7 @@ def scan_photo(
     verify: int = VERIFY_CROPS,
     max_pixels: int = MAX_PIXELS,
     backend: str = "auto",
+    whole_pass_pixels: int = WHOLE_PASS_PIXELS,
 ) -> ScanResult:
     """Crack-probability map, regions and verdict for one photo.
 
@@ -600,8 +630,11 @@ def scan_photo(
         verify: Dense method only: at most this many crops re-classify the borders of the regions
             flagged at the model's threshold (:func:`_verify_borders`); 0 keeps the raw dense map.
         max_pixels: Refuse photos, and scaled photos, larger than this (decompression-bomb guard).
-        backend: What classifies crops (the crop method's, and verification's): ``"auto"``, ``"onnx"`` or
-            ``"torch"``, as in :meth:`CrackModel.crack_probability`. The dense pass always runs in PyTorch.
+        backend: What runs the network: ``"auto"``, ``"onnx"`` or ``"torch"``, as in
+            :meth:`CrackModel.crack_probability`. With ONNX Runtime, the dense pass over a photo of up to
+            :data:`WHOLE_PASS_PIXELS` scaled pixels is one ONNX Runtime pass; larger photos, and
+            ``"torch"``, take the tiled PyTorch pass.
+        whole_pass_pixels: The most scaled pixels the dense pass runs in one ONNX Runtime pass (0: always tiled).
 
     Raises:
         ImageError: The photo cannot be read, or is too large.
@@ -611,7 +644,8 @@ def scan_photo(
     started = time.perf_counter()
     scaled, photo_size = decode_scaled(source, model.input_size / patch_size, max_pixels=max_pixels)
     result = scan_scaled(model, scaled, photo_size, patch_size=patch_size, stride=stride, threshold=threshold,
-                         method=method, verify=verify, source=describe(source), backend=backend)
+                         method=method, verify=verify, source=describe(source), backend=backend,
+                         whole_pass_pixels=whole_pass_pixels)
     result.seconds = time.perf_counter() - started
     return result
 
