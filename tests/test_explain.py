@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -89,3 +91,17 @@ def test_gradcam_map_for_photo_follows_flagged_patches(head_model, tmp_path):
     assert heat[:, :third].sum() > heat[:, 2 * third:].sum()
     summary = scan_paths(head_model, [path], tmp_path / "out", map_kind="gradcam", threshold=0.5, quiet=True)
     assert not summary.errors and (tmp_path / "out" / "photo.overlay.jpg").is_file()
+
+
+def test_explain_keeps_both_files_of_the_same_name(tiny_model_path, tmp_path, capsys):
+    # Mendeley's Positive/ and Negative/ use the same file names; the second overlay once replaced the first.
+    from crackscan.cli import main
+
+    rng = np.random.default_rng(2)
+    for folder, crack in (("Negative", False), ("Positive", True)):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        concrete_patch(rng, 96, crack).save(tmp_path / "data" / folder / "01501.jpg")
+    assert main(["explain", str(tiny_model_path), str(tmp_path / "data"), "--out", str(tmp_path / "out")]) == 0
+    said = [line.rsplit("->", 1)[1].strip() for line in capsys.readouterr().out.splitlines() if "->" in line]
+    assert sorted(Path(p).name for p in said) == ["01501.gradcam.png", "01501_2.gradcam.png"]
+    assert all(Path(p).is_file() for p in said)

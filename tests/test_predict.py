@@ -53,3 +53,23 @@ def test_cli_table_glob_and_threshold(tiny_model_path, images, capsys):
     assert code == 0
     lines = [line for line in out.splitlines()[1:] if line.strip()]
     assert len(lines) == 3 and all("Positive" in line.split()[1] for line in lines)  # threshold 0: all crack
+
+
+@pytest.mark.parametrize("command", ["predict", "scan", "explain"])
+def test_cli_says_when_there_is_nothing_to_read(tiny_model_path, tmp_path, capsys, command):
+    # A folder holding no image crackscan reads (phones' .HEIC, say) is "nothing done", not a silent success.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "IMG_0001.HEIC").write_bytes(b"\0" * 64)
+    out = ["--out", str(tmp_path / "out")] if command != "predict" else []
+    assert main([command, str(tiny_model_path), str(folder), *out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"no image files in {folder}" in err and ".jpg" in err
+
+
+@pytest.mark.parametrize("command", ["scan", "explain"])
+def test_cli_refuses_an_output_folder_that_is_a_file(tiny_model_path, images, tmp_path, capsys, command):
+    (tmp_path / "taken").write_text("not a folder")
+    assert main([command, str(tiny_model_path), str(images), "--out", str(tmp_path / "taken")]) == 2
+    assert capsys.readouterr().err == f"crackscan: error: --out {tmp_path / 'taken'} is a file, not a folder\n"
+    assert (tmp_path / "taken").read_text() == "not a folder"

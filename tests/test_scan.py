@@ -444,3 +444,18 @@ def test_scan_scaled_small_photo_gets_one_padded_patch(tiny_model):
     result = scan_scaled(tiny_model, np.full((40, 50, 3), 120, np.uint8), (142, 113), patch_size=227)
     assert result.map_shape == (1, 1)
     assert result.map_origin[0] < 0 and result.map_origin[1] < 0
+
+
+@pytest.mark.parametrize("size", [(300, 200), (400, 150), (150, 300)])
+def test_photo_shorter_than_a_patch_on_one_side_only(tiny_model, tmp_path, size):
+    # One side shorter than a patch and the other longer once failed inside np.pad ("negative values").
+    path = tmp_path / "strip.jpg"
+    Image.fromarray(np.asarray(concrete_patch(np.random.default_rng(3), 256, True).resize(size))).save(path)
+    dense = scan_photo(tiny_model, path)
+    crops = scan_photo(tiny_model, path, method="crops")
+    longer, shorter = max(size), min(size)
+    assert shorter < 227 < longer
+    cells = max(1, (round(longer * tiny_model.input_size / 227) - tiny_model.input_size) // 32 + 1)
+    expected = (1, cells) if size[0] > size[1] else (cells, 1)
+    assert dense.map_shape == crops.map_shape == expected
+    assert dense.photo_size == size

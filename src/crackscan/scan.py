@@ -295,14 +295,12 @@ def _work_pixels(scaled: np.ndarray, grid: _Grid) -> np.ndarray:
     x, y = grid.offset
     width = grid.window + (grid.cols - 1) * grid.step
     height = grid.window + (grid.rows - 1) * grid.step
-    pad_y, pad_x = max(0, -y), max(0, -x)
-    if pad_x or pad_y:
-        scaled = np.pad(
-            scaled,
-            ((pad_y, height - scaled.shape[0] - pad_y), (pad_x, width - scaled.shape[1] - pad_x), (0, 0)),
-            mode="edge",
-        )
-        x, y = x + pad_x, y + pad_y
+    # Only an axis shorter than a patch is padded (its offset is then negative); the other may be longer.
+    pad_y = (max(0, -y), max(0, y + height - scaled.shape[0]))
+    pad_x = (max(0, -x), max(0, x + width - scaled.shape[1]))
+    if any(pad_y + pad_x):
+        scaled = np.pad(scaled, (pad_y, pad_x, (0, 0)), mode="edge")
+        x, y = x + pad_x[0], y + pad_y[0]
     return scaled[y:y + height, x:x + width]
 
 
@@ -448,8 +446,8 @@ def cell_logits(model: CrackModel, pixels: np.ndarray, *, max_values: int = TILE
 
 
 #: Largest scaled photo, in network pixels, whose base runs in one ONNX Runtime pass: a 12-MP photo at
-#: the default scale is 2.2 million. ONNX Runtime plans every activation of the pass at once, ~0.4 KB per
-#: network pixel (0.8 GB for a 12-MP photo, measured), so larger photos take the tiled PyTorch pass.
+#: the default scale is 2.2 million. The pass needs ~0.19 KB per network pixel (0.41 GB for a 12-MP
+#: photo, measured), so this caps it near 0.5 GB; larger photos take the tiled PyTorch pass.
 WHOLE_PASS_PIXELS = 2_600_000
 
 _WHOLE_PASS: "weakref.WeakKeyDictionary[nn.Module, Callable[[np.ndarray], np.ndarray]]" = weakref.WeakKeyDictionary()
@@ -809,7 +807,8 @@ def _overlay_photo(path: Path, scaled: Image.Image, photo_size: tuple[int, int])
 SUMMARY_FIELDS = ["file", "verdict", "flagged_fraction", "n_regions", "max_probability", "seconds", "error"]
 
 
-def _unique_stem(path: Path, used: set[str]) -> str:
+def unique_stem(path: Path, used: set[str]) -> str:
+    """``path``'s stem, or ``stem_2``, ``stem_3``... when an earlier file of the batch took it (``used``)."""
     stem, n = path.stem or "image", 2
     candidate = stem
     while candidate in used:  # same name in two folders: keep both
@@ -880,7 +879,7 @@ def scan_paths(
         except (OSError, ValueError, RuntimeError) as err:  # e.g. a decoder bug: name the file, go on
             message = f"{path}: cannot scan ({type(err).__name__}: {err})"
         else:
-            stem = _unique_stem(path, used)
+            stem = unique_stem(path, used)
             overlay.save(out_dir / f"{stem}.overlay.jpg", quality=88)
             (out_dir / f"{stem}.map.png").write_bytes(probability_png(result))
             record = result.to_dict() | {"overlay": f"{stem}.overlay.jpg", "map": f"{stem}.map.png",
