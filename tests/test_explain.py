@@ -105,3 +105,17 @@ def test_explain_keeps_both_files_of_the_same_name(tiny_model_path, tmp_path, ca
     said = [line.rsplit("->", 1)[1].strip() for line in capsys.readouterr().out.splitlines() if "->" in line]
     assert sorted(Path(p).name for p in said) == ["01501.gradcam.png", "01501_2.gradcam.png"]
     assert all(Path(p).is_file() for p in said)
+
+
+def test_explain_points_a_whole_photo_to_scan(tiny_model_path, tmp_path, capsys):
+    from crackscan.cli import main
+
+    rng = np.random.default_rng(5)
+    photo, patch = tmp_path / "photo.jpg", tmp_path / "patch.jpg"
+    concrete_patch(rng, 256, True).resize((1200, 900)).save(photo)
+    concrete_patch(rng, 227, True).save(patch)
+    assert main(["explain", str(tiny_model_path), str(photo), str(patch), "--out", str(tmp_path / "out")]) == 0
+    size = load_model(tiny_model_path).input_size
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: {photo} is 1200x900 px: explain squeezes it into one {size}-px patch; "
+        "for a photo use `crackscan scan --map gradcam`"]

@@ -165,6 +165,13 @@ def test_bombs_are_refused_from_a_tiny_file(corpus):
     assert int.from_bytes(jpeg[sof + 5 : sof + 7], "big") == int.from_bytes(jpeg[sof + 7 : sof + 9], "big") == 60000
 
 
+
+def test_bombs_are_refused_in_crackscans_words(corpus):
+    # Pillow refuses headers over twice its own limit before crackscan sees the size; the message is still ours.
+    for name in ("bomb.png", "bomb.jpg"):
+        with pytest.raises(ImageError, match=r"refused: image too large \(3600 MP, over the 120-MP limit\)$"):
+            load_image(corpus / name)
+
 # ----------------------------------------------------------------------------------------------------
 # Every command over the corpus, in one process
 
@@ -323,7 +330,8 @@ def test_scan_exit_code_and_no_traceback(runs):
 def test_scan_each_corpus_file(runs, corpus, entry, enforced):
     skip_if_readable(entry, enforced)
     run = command(runs, "scan")
-    said = lines_naming(run.err, str(corpus / entry.name))
+    # The corpus's images are smaller than a patch: scan notes that on a line of its own, not as an error.
+    said = [line for line in lines_naming(run.err, str(corpus / entry.name)) if not line.startswith("note: ")]
     if entry.ok:
         assert not said, said
         stem = Path(entry.name).stem

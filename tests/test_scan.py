@@ -459,3 +459,16 @@ def test_photo_shorter_than_a_patch_on_one_side_only(tiny_model, tmp_path, size)
     expected = (1, cells) if size[0] > size[1] else (cells, 1)
     assert dense.map_shape == crops.map_shape == expected
     assert dense.photo_size == size
+
+
+def test_scan_notes_an_image_smaller_than_a_patch(tiny_model, tmp_path, capsys):
+    # A lone 120-px crop scanned at 227 px per patch is a sliver of a patch: say so rather than stay silent.
+    small, photo = tmp_path / "small.jpg", tmp_path / "photo.jpg"
+    concrete_patch(np.random.default_rng(6), 120, True).save(small)
+    concrete_patch(np.random.default_rng(6), 256, True).resize((500, 400)).save(photo)
+    scan_paths(tiny_model, [small, photo], tmp_path / "out", quiet=True)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"note: {small}: 120x120 px is smaller than one 227-px patch")
+    assert "crackscan predict" in err[0]
+    assert "smaller than one 227-px patch" in json.loads((tmp_path / "out" / "small.json").read_text())["note"]
+    assert "note" not in json.loads((tmp_path / "out" / "photo.json").read_text())

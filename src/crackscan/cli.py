@@ -21,6 +21,8 @@ from typing import Sequence
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
+#: Side of the dataset's patches, in photo pixels: scan's default patch size.
+PATCH_PIXELS = 227
 DISCLAIMER = "crackscan is a decision aid: it does not replace a professional structural assessment."
 
 
@@ -129,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", metavar="PATH", help="[MODEL] then photos, folders or glob patterns")
     s.add_argument("--model", help="model file or run folder (default: the shipped model)")
     s.add_argument("--out", default="scans", help="output folder (default: scans)")
-    s.add_argument("--patch-size", type=_positive_int, default=227,
+    s.add_argument("--patch-size", type=_positive_int, default=PATCH_PIXELS,
                    help="side of one classified patch in photo pixels (default 227, the training scale)")
     s.add_argument("--stride", type=_positive_int, help="map step in photo pixels (default: the network's own)")
     s.add_argument("--threshold", type=_probability,
@@ -332,6 +334,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
             continue
         print(f"{result['crack_probability']:.4f}  {result['label']:<10} {path}  -> {result['overlay']}")
+        width, height = result["image_size"]
+        if max(width, height) > 2 * PATCH_PIXELS:
+            print(f"note: {path} is {width}x{height} px: explain squeezes it into one {model.input_size}-px patch; "
+                  f"for a photo use `crackscan scan --map gradcam`", file=sys.stderr)
     return EXIT_SOME_FAILED if failures else EXIT_OK
 
 

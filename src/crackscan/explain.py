@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from crackscan.images import ImageSource, describe, load_patch
+from crackscan.images import ImageSource, describe, load_patch, read_source
 from crackscan.model import CrackModel
 
 if TYPE_CHECKING:
@@ -84,14 +84,18 @@ def explain_image(
         threshold: Decision threshold for the label (default: the model's).
 
     Returns:
-        ``{"file", "crack_probability", "label", "overlay"}``.
+        ``{"file", "crack_probability", "label", "overlay", "image_size"}`` (``image_size``: the image's own
+        ``[width, height]``, EXIF orientation applied).
 
     Raises:
         ImageError: The image cannot be read.
     """
-    from crackscan.scan import font
+    from crackscan.scan import _oriented_size, font
 
-    pixels = load_patch(source, model.input_size)
+    name = describe(source)
+    data = read_source(source, name)  # once: a stream cannot be read twice
+    pixels = load_patch(data, model.input_size, name=name)
+    width, height = _oriented_size(data) or (model.input_size, model.input_size)
     probability, heat = gradcam(model, pixels)
     label = model.label_for(probability, threshold)
     cutoff = model.threshold if threshold is None else threshold
@@ -111,16 +115,17 @@ def explain_image(
     draw.text((6, side + 8), f"{label}: crack probability {probability:.3f} (threshold {cutoff:.2f})",
               fill=colour, font=font(int(text * 1.1)))
     draw.text((6, side + 10 + int(text * 1.5)),
-              f"{Path(describe(source)).name} | right: Grad-CAM, evidence for a crack (bright = strong)",
+              f"{Path(name).name} | right: Grad-CAM, evidence for a crack (bright = strong)",
               fill=(220, 220, 220), font=font(text))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out_path)
     return {
-        "file": describe(source),
+        "file": name,
         "crack_probability": round(probability, 6),
         "label": label,
         "overlay": str(out_path),
+        "image_size": [int(width), int(height)],
     }
 
 

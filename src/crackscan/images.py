@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -91,14 +92,16 @@ def read_source(source: ImageSource, name: str) -> bytes:
     return data
 
 
-def _open(source: ImageSource, name: str) -> Image.Image:
+def _open(source: ImageSource, name: str, max_pixels: int) -> Image.Image:
     data = read_source(source, name)
     try:
         return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageError(name, "not an image (unrecognised format)") from None
-    except Image.DecompressionBombError as err:
-        raise ImageError(name, f"refused: image too large ({err})") from None
+    except Image.DecompressionBombError as err:  # Pillow refuses a header over twice its own limit itself
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        claimed = f"{int(found.group(1)) / 1e6:.0f} MP, " if found else ""
+        raise ImageError(name, f"refused: image too large ({claimed}over the {max_pixels / 1e6:.0f}-MP limit)") from None
     except (OSError, ValueError, SyntaxError) as err:
         raise ImageError(name, f"cannot decode ({err})") from None
 
@@ -144,7 +147,7 @@ def load_image(
         ImageError: The file is missing, unreadable, not an image, truncated or too large.
     """
     name = name or describe(source)
-    image = _open(source, name)
+    image = _open(source, name, max_pixels)
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageError(name, f"invalid size {width}x{height}")

@@ -884,6 +884,12 @@ def scan_paths(
             (out_dir / f"{stem}.map.png").write_bytes(probability_png(result))
             record = result.to_dict() | {"overlay": f"{stem}.overlay.jpg", "map": f"{stem}.map.png",
                                          "map_kind": map_kind}
+            if min(photo_size) < patch_size:
+                record["note"] = (f"{photo_size[0]}x{photo_size[1]} px is smaller than one {patch_size}-px patch on "
+                                  f"at least one side: the patch was filled out by repeating the edge pixels; a single "
+                                  f"patch is better classified by `crackscan predict`, a photo taken closer needs a "
+                                  f"smaller --patch-size")
+                print(f"note: {path}: {record['note']}", file=sys.stderr, flush=True)
             (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
             results.append(result)
             # Thumbnails only: a folder of hundreds of photos must not keep full overlays in memory.
