@@ -390,7 +390,11 @@ def test_folder_with_corrupt_file(tiny_model, tmp_path, capsys):
         assert Image.open(out / f"{stem}.overlay.jpg").width == 500
         assert Image.open(out / f"{stem}.map.png").size[::-1] == tuple(record["map_shape"])
     assert not (out / "c_truncated.json").exists()
+    assert [r["overlay"] for r in rows] == ["a.overlay.jpg", "b.overlay.jpg", "", ""]
     assert (out / "contact_sheet.jpg").is_file()
+    # One photo into the same folder: no sheet of the earlier batch's photos is left beside its summary.
+    scan_paths(tiny_model, [folder / "a.jpg"], out, quiet=True)
+    assert not (out / "contact_sheet.jpg").exists()
 
 
 def test_probability_png_round_trip(tiny_model, tmp_path):
@@ -426,6 +430,14 @@ def test_overlay_tints_flagged_cells_only(tiny_model, tmp_path):
     heat[60:, 100:] = 1.0
     with_heat = np.asarray(render_overlay(photo, result, heatmap=heat, max_side=600), dtype=np.int32)
     assert np.abs(with_heat[330:395, 530:595] - 128).max() > 40
+
+
+def test_overlay_of_a_tiny_image_is_enlarged_for_its_legend(tiny_model):
+    photo = Image.new("RGB", (60, 40), (128, 128, 128))
+    result = scan_scaled(tiny_model, photo, photo.size, patch_size=40, threshold=0.0)  # flagged: tinted
+    overlay = render_overlay(photo, result)
+    assert overlay.width == 480 and overlay.height > 320  # 480x320 photo part, then the legend band
+    assert np.abs(np.asarray(overlay, dtype=np.int32)[100:220, 100:380] - 128).max() > 40
 
 
 def test_bad_arguments(tiny_model, tmp_path):

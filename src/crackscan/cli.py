@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="scans", help="output folder (default: scans)")
     s.add_argument("--patch-size", type=_positive_int, default=PATCH_PIXELS,
                    help="side of one classified patch in photo pixels (default 227, the training scale)")
-    s.add_argument("--stride", type=_positive_int, help="map step in photo pixels (default: the network's own)")
+    s.add_argument("--stride", type=_positive_int,
+                   help="map step in photo pixels, rounded to a whole number of network cells (32 network px: "
+                        "about 76 photo px for the shipped model at --patch-size 227, the default and finest step)")
     s.add_argument("--threshold", type=_probability,
                    help="judge the map at this threshold instead of the model's (verification stays at the model's)")
     s.add_argument("--method", choices=("dense", "crops"), default="dense",
@@ -310,6 +312,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
                          stride=args.stride, threshold=args.threshold, method=args.method,
                          **({} if args.verify is None else {"verify": args.verify}),
                          map_kind=args.map_kind, quiet=args.quiet)
+    if summary.errors:
+        print(f"{len(summary.errors)} file(s) could not be read", file=sys.stderr)
     print(f"results: {summary.out_dir}")
     print(DISCLAIMER)
     return EXIT_SOME_FAILED if summary.errors else EXIT_OK

@@ -672,8 +672,18 @@ def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+#: Overlays of smaller images are enlarged to this longest side, so that the legend's verdict fits.
+MIN_OVERLAY_SIDE = 480
+
+
 def _fit(image: Image.Image, max_side: int) -> Image.Image:
-    factor = max_side / max(image.size)
+    """The image shrunk to ``max_side``, or enlarged (pixels kept sharp) to :data:`MIN_OVERLAY_SIDE`."""
+    longest = max(image.size)
+    if longest < MIN_OVERLAY_SIDE <= max_side:
+        factor = MIN_OVERLAY_SIDE / longest
+        size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+        return image.convert("RGB").resize(size, Image.Resampling.NEAREST)
+    factor = max_side / longest
     if factor >= 1:
         return image.convert("RGB")
     size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
@@ -804,7 +814,7 @@ def _overlay_photo(path: Path, scaled: Image.Image, photo_size: tuple[int, int])
         return scaled
     factor = wanted / max(photo_size)
     return load_image(path, reduce_to=(round(photo_size[0] * factor), round(photo_size[1] * factor)))
-SUMMARY_FIELDS = ["file", "verdict", "flagged_fraction", "n_regions", "max_probability", "seconds", "error"]
+SUMMARY_FIELDS = ["file", "verdict", "flagged_fraction", "n_regions", "max_probability", "seconds", "overlay", "error"]
 
 
 def unique_stem(path: Path, used: set[str]) -> str:
@@ -894,11 +904,11 @@ def scan_paths(
             results.append(result)
             # Thumbnails only: a folder of hundreds of photos must not keep full overlays in memory.
             overlay.thumbnail((SHEET_THUMB, SHEET_THUMB))
-            sheet.append((f"{path.name}: {result.label}", overlay))
+            sheet.append((f"{stem}: {result.label}", overlay))  # the stem names its files: NAME_2 for a second NAME
             rows.append({"file": str(path), "verdict": result.label,
                          "flagged_fraction": f"{result.flagged_fraction:.6f}", "n_regions": len(result.regions),
                          "max_probability": f"{result.max_probability:.6f}", "seconds": f"{result.seconds:.3f}",
-                         "error": ""})
+                         "overlay": f"{stem}.overlay.jpg", "error": ""})
             if not quiet:
                 print(f"{result.label:<9} max {result.max_probability:.3f}  {100 * result.flagged_fraction:5.1f}% "
                       f"flagged  {len(result.regions)} region(s)  {result.seconds:.2f} s  {path}", flush=True)
@@ -906,7 +916,7 @@ def scan_paths(
         print(f"error: {message}", file=sys.stderr, flush=True)
         errors.append(message)
         rows.append({"file": str(path), "verdict": "error", "flagged_fraction": "", "n_regions": "",
-                     "max_probability": "", "seconds": "", "error": message})
+                     "max_probability": "", "seconds": "", "overlay": "", "error": message})
     # surrogateescape: a file name that is not valid UTF-8 is written escaped rather than ending the batch.
     with open(out_dir / "summary.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS)
@@ -914,4 +924,6 @@ def scan_paths(
         writer.writerows(rows)
     if len(sheet) > 1:
         contact_sheet(sheet).save(out_dir / "contact_sheet.jpg", quality=85)
+    else:  # an earlier batch's sheet in the same folder would show photos this summary does not list
+        (out_dir / "contact_sheet.jpg").unlink(missing_ok=True)
     return ScanSummary(results=results, errors=errors, out_dir=out_dir)
