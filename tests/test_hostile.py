@@ -171,6 +171,9 @@ def test_bombs_are_refused_in_crackscans_words(corpus):
     for name in ("bomb.png", "bomb.jpg"):
         with pytest.raises(ImageError, match=r"refused: image too large \(3600 MP, over the 120-MP limit\)$"):
             load_image(corpus / name)
+        # A caller's limit above Pillow's: the message names the limit that refused it, Pillow's.
+        with pytest.raises(ImageError, match=r"\(3600 MP, over the 179-MP limit\)$"):
+            load_image(corpus / name, max_pixels=10**10)
 
 # ----------------------------------------------------------------------------------------------------
 # Every command over the corpus, in one process

@@ -167,6 +167,9 @@ def test_whole_onnx_pass_equals_the_tiled_pytorch_pass(tiny_model, size):
     assert whole.shape == tiled.shape == (2, -(-size[0] // 32), -(-size[1] // 32))
     scale = float(tiled.abs().max())
     torch.testing.assert_close(whole, tiled, atol=1e-4 * scale, rtol=1e-4)
+    # A photo too large for one pass lets the pooled session go, so the tiled pass's memory bound holds.
+    dense_logits(model, pixels, "onnx", whole_pass_pixels=0)
+    assert model.module not in _WHOLE_PASS
 
 
 def test_default_scan_runs_one_onnx_pass_with_the_same_map(tiny_model, tmp_path):
@@ -184,6 +187,46 @@ def test_default_scan_runs_one_onnx_pass_with_the_same_map(tiny_model, tmp_path)
     over = scan_scaled(tiled, scaled, size, whole_pass_pixels=0)
     assert tiled.module not in _WHOLE_PASS
     np.testing.assert_allclose(over.probability, fast.probability, atol=1e-4)
+
+
+def test_scan_paths_with_the_torch_backend_never_starts_onnx_runtime(tiny_model, tmp_path, monkeypatch):
+    path = grid_photo(tmp_path / "grid.jpg", [[False, True], [True, False]])
+    in_torch = _own_copy(tiny_model)
+    summary = scan_paths(in_torch, [path], tmp_path / "out", quiet=True, backend="torch")
+    assert in_torch.module not in _WHOLE_PASS and in_torch._onnx is None
+    with pytest.raises(ValueError, match="backend"):
+        scan_paths(in_torch, [path], tmp_path / "out", backend="tensorrt")
+    # Without onnxruntime, "auto" is PyTorch throughout, with the same map.
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    without = _own_copy(tiny_model)
+    result = scan_photo(without, path)
+    assert without.module not in _WHOLE_PASS and without._onnx is None
+    np.testing.assert_allclose(result.probability, summary.results[0].probability, atol=1e-6)
+
+
+def test_onnx_runtime_failures_are_runtime_errors(tiny_model):
+    # ONNX Runtime's own exception types derive from Exception only; batches report RuntimeError per file.
+    from crackscan.export import cell_logits_runner
+
+    run = cell_logits_runner(tiny_model)
+    with pytest.raises(RuntimeError, match=r"ONNX Runtime failed on input \(1, 5, 5\)"):
+        run(np.zeros((5, 5), np.uint8))  # no colour axis
+
+
+def test_work_pixels_pad_only_the_short_axis_by_repeating_its_edges():
+    from crackscan.scan import _plan, _work_pixels
+
+    image = np.zeros((40, 200, 3), np.uint8)
+    image[:, :, 0] = np.arange(200, dtype=np.uint8)[None, :]  # columns numbered
+    image[:, :, 1] = np.arange(40, dtype=np.uint8)[:, None]  # rows numbered
+    grid = _plan(200, 40, 64, 32)
+    work = _work_pixels(image, grid)
+    assert work.shape == (64, 64 + (grid.cols - 1) * 32, 3)
+    top = -grid.offset[1]
+    assert top == 12 and grid.offset[0] >= 0
+    np.testing.assert_array_equal(work[top:top + 40, :, 1], image[:, :work.shape[1], 1])  # the rows, in place
+    assert (work[:top, :, 1] == 0).all() and (work[top + 40:, :, 1] == 39).all()  # edges repeated
+    np.testing.assert_array_equal(work[0, :, 0], image[0, grid.offset[0]:grid.offset[0] + work.shape[1], 0])
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

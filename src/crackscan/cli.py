@@ -19,10 +19,10 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from crackscan.scan import PATCH_SIZE
+
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-#: Side of the dataset's patches, in photo pixels: scan's default patch size.
-PATCH_PIXELS = 227
 DISCLAIMER = "crackscan is a decision aid: it does not replace a professional structural assessment."
 
 
@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", metavar="PATH", help="[MODEL] then photos, folders or glob patterns")
     s.add_argument("--model", help="model file or run folder (default: the shipped model)")
     s.add_argument("--out", default="scans", help="output folder (default: scans)")
-    s.add_argument("--patch-size", type=_positive_int, default=PATCH_PIXELS,
-                   help="side of one classified patch in photo pixels (default 227, the training scale)")
+    s.add_argument("--patch-size", type=_positive_int, default=PATCH_SIZE,
+                   help=f"side of one classified patch in photo pixels (default {PATCH_SIZE}, the training scale)")
     s.add_argument("--stride", type=_positive_int,
                    help="map step in photo pixels, rounded to a whole number of network cells (32 network px: "
                         "about 76 photo px for the shipped model at --patch-size 227, the default and finest step)")
@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "beside a crack (default 256; 0: off)")
     s.add_argument("--map", dest="map_kind", choices=("probability", "gradcam"), default="probability",
                    help="what the overlay shows")
+    s.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                   help="what runs the network (auto: ONNX Runtime when installed; torch: PyTorch only, the dense "
+                        "pass always in its memory-bounded tiles)")
     s.add_argument("--quiet", action="store_true")
 
     x = sub.add_parser("explain", help="Grad-CAM heat map of what the model looked at in a patch")
@@ -311,7 +314,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     summary = scan_paths(model, _image_paths(items), _output_folder(args.out), patch_size=args.patch_size,
                          stride=args.stride, threshold=args.threshold, method=args.method,
                          **({} if args.verify is None else {"verify": args.verify}),
-                         map_kind=args.map_kind, quiet=args.quiet)
+                         map_kind=args.map_kind, quiet=args.quiet, backend=args.backend)
     if summary.errors:
         print(f"{len(summary.errors)} file(s) could not be read", file=sys.stderr)
     print(f"results: {summary.out_dir}")
@@ -339,7 +342,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             continue
         print(f"{result['crack_probability']:.4f}  {result['label']:<10} {path}  -> {result['overlay']}")
         width, height = result["image_size"]
-        if max(width, height) > 2 * PATCH_PIXELS:
+        if max(width, height) > 2 * PATCH_SIZE:
             print(f"note: {path} is {width}x{height} px: explain squeezes it into one {model.input_size}-px patch; "
                   f"for a photo use `crackscan scan --map gradcam`", file=sys.stderr)
     return EXIT_SOME_FAILED if failures else EXIT_OK

@@ -52,9 +52,11 @@ OPSET = 17
 INPUT, OUTPUT = "pixels", "logits"
 #: fp32 export must reproduce PyTorch's logits to this (float32 rounding through ~50 layers).
 FP32_TOLERANCE = 1e-3
-#: Bumped whenever the exported graph changes, so that stale cache entries are not reused.
+#: Bumped whenever an exported graph changes (the patch graph or scan's whole-image graph), so that stale
+#: cache entries are not reused.
 GRAPH_VERSION = 2
-#: Cached graphs kept; older ones (models no longer in use) are removed when a new one is written.
+#: Cached graphs kept (two per model that has scanned photos); older ones (models no longer in use) are
+#: removed when a new one is written.
 CACHE_KEEP = 16
 #: int8 calibration uses at most this many images (evenly spaced through the given list): MinMax ranges
 #: settle within a few hundred, and calibration time grows linearly.
@@ -158,6 +160,8 @@ def _trace(net: nn.Module, size: int, mean: Sequence[float], std: Sequence[float
 
     ``spatial``: the input's height and width are free too, and so are the outputs' last two axes.
     """
+    if fold and spatial:
+        raise ValueError("a folded normalisation has a fixed-size border map: it cannot take free image sizes")
     if spatial:
         axes = {INPUT: {0: "batch", 1: "height", 2: "width"}, **{n: {0: "batch", 2: "rows", 3: "cols"} for n in outputs}}
     else:
@@ -197,7 +201,17 @@ def frozen_runner(net: nn.Module, size: int, mean: Sequence[float], std: Sequenc
     session takes under a second. Raises ImportError without onnxruntime.
     """
     session = _session(_trace(net, size, mean, std, [f"output{i}" for i in range(n_outputs)]))
-    return lambda pixels: session.run(None, {INPUT: np.ascontiguousarray(pixels, dtype=np.uint8)})
+    return lambda pixels: _run(session, pixels)
+
+
+def _run(session: Any, pixels: np.ndarray, outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+    """``session.run`` on uint8 pixels. ONNX Runtime's exceptions derive from ``Exception`` only: they are
+    raised as ``RuntimeError``, which batch commands report per file as they do PyTorch's."""
+    try:
+        return session.run(outputs, {INPUT: np.ascontiguousarray(pixels, dtype=np.uint8)})
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RuntimeError(f"ONNX Runtime failed on input {tuple(pixels.shape)}: {first[:300]}") from err
 
 
 def _set_metadata(proto: Any, meta: dict[str, Any]) -> None:
@@ -328,11 +342,23 @@ def cell_logits_runner(model: CrackModel) -> Callable[[np.ndarray], np.ndarray]:
     net = model.network("scan")
 
     def build() -> bytes:
-        return _trace(_CellLogits(net).eval(), model.input_size, model.mean, model.std, outputs=("cells",),
+        data = _trace(_CellLogits(net).eval(), model.input_size, model.mean, model.std, outputs=("cells",),
                       spatial=True)
+        # Checked once, when exported: an image of uneven size against PyTorch's own tiled pass.
+        from crackscan.scan import cell_logits
+
+        probe = np.random.default_rng(0).integers(0, 256, (model.input_size + 45, 2 * model.input_size + 13, 3),
+                                                  dtype=np.uint8)
+        got, want = _run(_session(data), probe[None])[0][0], cell_logits(model, probe).numpy()
+        # Relative to the largest logit: float32 rounding through ~50 layers stays near 1e-6 of it.
+        scale = max(float(np.abs(want).max()), 1e-6)
+        if got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=1e-4 * scale):
+            raise ExportError(f"the whole-image ONNX graph does not reproduce PyTorch's cell logits (shapes "
+                              f"{got.shape} and {want.shape})")
+        return data
 
     session, _ = _cached_session(model, "-cells", build, memory_pattern=False)
-    return lambda pixels: session.run(None, {INPUT: np.ascontiguousarray(pixels[None], dtype=np.uint8)})[0][0]
+    return lambda pixels: _run(session, pixels[None])[0][0]
 
 
 class OnnxRunner:
@@ -399,7 +425,7 @@ class OnnxRunner:
         size = self.input_size
         if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3):
             raise ValueError(f"expected N x {size} x {size} x 3 pixels, got shape {tuple(pixels.shape)}")
-        return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(pixels, dtype=np.uint8)})[0]
+        return _run(self.session, pixels, [OUTPUT])[0]
 
 
 @dataclass

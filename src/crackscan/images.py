@@ -101,7 +101,8 @@ def _open(source: ImageSource, name: str, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as err:  # Pillow refuses a header over twice its own limit itself
         found = re.search(r"\((\d+) pixels\)", str(err))
         claimed = f"{int(found.group(1)) / 1e6:.0f} MP, " if found else ""
-        raise ImageError(name, f"refused: image too large ({claimed}over the {max_pixels / 1e6:.0f}-MP limit)") from None
+        limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))  # whichever refused it
+        raise ImageError(name, f"refused: image too large ({claimed}over the {limit / 1e6:.0f}-MP limit)") from None
     except (OSError, ValueError, SyntaxError) as err:
         raise ImageError(name, f"cannot decode ({err})") from None
 

@@ -65,6 +65,8 @@ from torch import nn
 from crackscan.images import MAX_PIXELS, ImageError, ImageSource, describe, load_image, read_source
 from crackscan.model import INFERENCE_CHUNK, CrackModel, resolve_backend
 
+#: Side of the dataset's patches in photo pixels (227-px crops of 4032x3024 photos): the default scale.
+PATCH_SIZE = 227
 #: Output stride of MobileNetV2's convolutional base, in network pixels.
 NETWORK_STRIDE = 32
 #: Crops per batch for the crop-by-crop reference method.
@@ -466,6 +468,10 @@ def dense_logits(model: CrackModel, pixels: np.ndarray, backend: str = "auto", *
 
             run = _WHOLE_PASS[network] = cell_logits_runner(model)
         return torch.from_numpy(run(pixels))
+    # ONNX Runtime keeps a pass's memory pooled in its session for the next one; a photo too large for a
+    # pass lets that session go first, so that the tiled pass's bound holds in a long-lived process too.
+    if model.module is not None:
+        _WHOLE_PASS.pop(model.module, None)
     return cell_logits(model, pixels, max_values=max_values)
 
 
@@ -550,7 +556,7 @@ def scan_scaled(
     scaled: Image.Image | np.ndarray,
     photo_size: tuple[int, int],
     *,
-    patch_size: int = 227,
+    patch_size: int = PATCH_SIZE,
     stride: int | None = None,
     threshold: float | None = None,
     method: str = "dense",
@@ -606,7 +612,7 @@ def scan_photo(
     model: CrackModel,
     source: ImageSource,
     *,
-    patch_size: int = 227,
+    patch_size: int = PATCH_SIZE,
     stride: int | None = None,
     threshold: float | None = None,
     method: str = "dense",
@@ -832,13 +838,14 @@ def scan_paths(
     paths: Iterable[str | Path],
     out_dir: str | Path,
     *,
-    patch_size: int = 227,
+    patch_size: int = PATCH_SIZE,
     stride: int | None = None,
     threshold: float | None = None,
     method: str = "dense",
     verify: int = VERIFY_CROPS,
     map_kind: str = "probability",
     quiet: bool = False,
+    backend: str = "auto",
 ) -> ScanSummary:
     """Scan photos and write, for each, ``<stem>.overlay.jpg``, ``<stem>.map.png`` and ``<stem>.json``.
 
@@ -858,8 +865,10 @@ def scan_paths(
             flagged at the model's threshold (:func:`_verify_borders`); 0 keeps the raw dense map.
         map_kind: What the overlay shows: ``"probability"`` or ``"gradcam"``.
         quiet: No per-photo progress line on standard output.
+        backend: What runs the network (see :func:`scan_photo`).
     """
     _check(patch_size, stride, threshold, method, verify)
+    resolve_backend(backend)  # a bad name fails once, before any file
     model.network("scan")  # once, before any file: an ONNX-only model cannot scan
     if map_kind not in MAP_KINDS:
         raise ValueError(f"unknown map kind {map_kind!r}: use {' or '.join(MAP_KINDS)}")
@@ -876,7 +885,8 @@ def scan_paths(
         try:
             scaled, photo_size = decode_scaled(path, model.input_size / patch_size)
             result = scan_scaled(model, scaled, photo_size, patch_size=patch_size, stride=stride,
-                                 threshold=threshold, method=method, verify=verify, source=str(path))
+                                 threshold=threshold, method=method, verify=verify, source=str(path),
+                                 backend=backend)
             result.seconds = time.perf_counter() - started
             heat = None
             if map_kind == "gradcam":
@@ -894,7 +904,7 @@ def scan_paths(
             (out_dir / f"{stem}.map.png").write_bytes(probability_png(result))
             record = result.to_dict() | {"overlay": f"{stem}.overlay.jpg", "map": f"{stem}.map.png",
                                          "map_kind": map_kind}
-            if min(photo_size) < patch_size:
+            if min(result.map_origin) < 0:  # the grid starts outside the photo: it was padded
                 record["note"] = (f"{photo_size[0]}x{photo_size[1]} px is smaller than one {patch_size}-px patch on "
                                   f"at least one side: the patch was filled out by repeating the edge pixels; a single "
                                   f"patch is better classified by `crackscan predict`, a photo taken closer needs a "

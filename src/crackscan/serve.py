@@ -50,6 +50,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crackscan.images import ImageError, load_patch
 from crackscan.model import CrackModel, default_model_path, load_model, read_meta
+from crackscan.scan import PATCH_SIZE
 
 logger = logging.getLogger("crackscan.serve")
 
@@ -335,8 +336,9 @@ def create_app(
         max_upload_bytes: Largest request body; larger ones are answered 413.
         max_concurrency: Requests decoded and run through the model at the same time.
         max_queue: Admitted requests allowed to wait for a worker; beyond that, 503 with Retry-After.
-        backend: Inference backend for /predict (``"torch"``, ``"onnx"`` or ``"auto"``, see
-            :func:`crackscan.model.resolve_backend`); /scan uses PyTorch's dense pass, then this backend for its verification crops.
+        backend: Inference backend (``"torch"``, ``"onnx"`` or ``"auto"``, see
+            :func:`crackscan.model.resolve_backend`) for /predict and for /scan's dense pass and verification
+            crops (:func:`crackscan.scan.scan_scaled`).
         read_timeout: Seconds a client may pause while sending its body before it is answered 408
             (a stalled upload would otherwise hold its admission slot).
 
@@ -407,7 +409,7 @@ def create_app(
     async def scan(
         request: Request,
         photo: UploadFile = File(description="a photo of a concrete surface"),
-        patch_size: int = Form(227, ge=32, le=4096, description="side of one classified patch, in photo pixels"),
+        patch_size: int = Form(PATCH_SIZE, ge=32, le=4096, description="side of one classified patch, in photo pixels"),
         threshold: float | None = Form(None, ge=0.0, le=1.0, description="default: the model's threshold"),
     ) -> dict:
         model: CrackModel = request.app.state.model
