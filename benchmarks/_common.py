@@ -91,11 +91,13 @@ def scan_options(variant: str) -> dict[str, Any]:
     crops), "dense-raw" (the dense map before verification), "dense-verify-N" (at most N verification
     crops), "crops" (every patch classified alone, with the default backend: ONNX Runtime when installed)
     or "crops-torch" (the same in PyTorch); "dense-tiled" is the default with the dense pass in PyTorch's
-    tiles (what photos too large for one ONNX Runtime pass get)."""
+    tiles (what photos too large for one ONNX Runtime pass get), "dense-raw-tiled" the raw map so."""
     if variant == "crops-torch":
         return {"method": "crops", "backend": "torch"}
     if variant == "dense-tiled":
         return {"method": "dense", "whole_pass_pixels": 0}
+    if variant == "dense-raw-tiled":
+        return {"method": "dense", "verify": 0, "whole_pass_pixels": 0}
     if variant == "dense-raw":
         return {"method": "dense", "verify": 0}
     if variant.startswith("dense-verify-"):

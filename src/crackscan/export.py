@@ -334,7 +334,7 @@ class _CellLogits(nn.Module):
 def cell_logits_runner(model: CrackModel) -> Callable[[np.ndarray], np.ndarray]:
     """ONNX Runtime over a whole image: H x W x 3 uint8 -> C x ceil(H/32) x ceil(W/32) float32 cell logits.
 
-    One pass over the whole image: ~2x faster than PyTorch's stage-by-stage tiles on 2 cores, but its
+    One pass over the whole image: faster than PyTorch's stage-by-stage tiles on 2 cores, but its
     memory grows with the image (``scan`` uses it up to :data:`crackscan.scan.WHOLE_PASS_PIXELS`).
     Exported once per model and cached like :meth:`OnnxRunner.from_model`'s graph. Raises ImportError
     without onnxruntime.

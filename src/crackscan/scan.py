@@ -31,7 +31,7 @@ the square around its patch's centre, and the outer cells reach to the photo's e
 
 Speed. A photo of up to :data:`WHOLE_PASS_PIXELS` scaled pixels (a 12-MP photo at the default scale is
 2.2 million) runs the base in one ONNX Runtime pass (:func:`crackscan.export.cell_logits_runner`),
-about twice as fast as PyTorch on 2 cores, with memory that grows with the photo. Larger photos, or
+faster than PyTorch on 2 cores (``benchmarks/scan.py``), with memory that grows with the photo. Larger photos, or
 ``backend="torch"``, take the tiled PyTorch pass below, whose memory is bounded.
 
 Memory. In the tiled pass the base runs in three stages, each over overlapping tiles of its input. A tile is read with a
@@ -458,7 +458,7 @@ _WHOLE_PASS: "weakref.WeakKeyDictionary[nn.Module, Callable[[np.ndarray], np.nda
 def dense_logits(model: CrackModel, pixels: np.ndarray, backend: str = "auto", *,
                  whole_pass_pixels: int = WHOLE_PASS_PIXELS, max_values: int = TILE_VALUES) -> torch.Tensor:
     """:func:`cell_logits`, in one ONNX Runtime pass when ``backend`` resolves to ONNX Runtime and the
-    image has at most ``whole_pass_pixels`` pixels (about twice as fast on 2 cores); tiled PyTorch otherwise.
+    image has at most ``whole_pass_pixels`` pixels (faster on 2 cores); tiled PyTorch otherwise.
     The two agree to float rounding (``tests/test_scan.py``)."""
     if resolve_backend(backend) == "onnx" and pixels.shape[0] * pixels.shape[1] <= whole_pass_pixels:
         network = model.network("scan")
