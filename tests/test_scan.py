@@ -527,3 +527,19 @@ def test_scan_notes_an_image_smaller_than_a_patch(tiny_model, tmp_path, capsys):
     assert "crackscan predict" in err[0]
     assert "smaller than one 227-px patch" in json.loads((tmp_path / "out" / "small.json").read_text())["note"]
     assert "note" not in json.loads((tmp_path / "out" / "photo.json").read_text())
+
+
+def test_probabilities_are_shown_rounded_down():
+    from crackscan.scan import shown
+
+    assert shown(0.99979) == "0.999" and shown(1.0) == "1.000" and shown(0.5) == "0.500"
+    assert shown(0.123456, 2) == "0.12"
+
+
+def test_verify_with_the_crop_method_is_refused(tiny_model_path, tmp_path, capsys):
+    from crackscan.cli import main
+
+    path = _save(tmp_path / "p.png", (300, 300))
+    assert main(["scan", str(tiny_model_path), str(path), "--method", "crops", "--verify", "10",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "--verify" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -309,6 +309,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from crackscan.model import load_model
     from crackscan.scan import scan_paths
 
+    if args.verify is not None and args.method == "crops":
+        raise ValueError("--verify re-classifies a dense map's borders: it does not apply to --method crops")
     model_arg, items = _split_model(args.paths, args.model)
     model = load_model(model_arg)
     summary = scan_paths(model, _image_paths(items), _output_folder(args.out), patch_size=args.patch_size,

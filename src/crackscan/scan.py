@@ -740,6 +740,11 @@ def render_overlay(
     return _with_legend(image, result, gradcam=heatmap is not None)
 
 
+def shown(probability: float, digits: int = 3) -> str:
+    """A probability for people: rounded down, so that 0.9998 never reads as a threshold of 1.000 reached."""
+    return f"{math.floor(probability * 10**digits) / 10**digits:.{digits}f}"
+
+
 def _with_legend(image: Image.Image, result: ScanResult, *, gradcam: bool) -> Image.Image:
     """A dark band under the image: the verdict, the colour scale with the threshold marked, and a key."""
     width = image.width
@@ -750,10 +755,10 @@ def _with_legend(image: Image.Image, result: ScanResult, *, gradcam: bool) -> Im
     big, small = font(int(text_size * 1.2)), font(text_size)
     if result.verdict:
         verdict = (f"CRACK: {len(result.regions)} region(s), {100 * result.flagged_fraction:.1f}% of the photo "
-                   f"flagged, max {result.max_probability:.2f}")
+                   f"flagged, max {shown(result.max_probability)}")
         colour = (255, 90, 90)
     else:
-        verdict = f"NO CRACK: no cell reaches {result.threshold:.2f} (max {result.max_probability:.2f})"
+        verdict = f"NO CRACK: no cell reaches {result.threshold:.2f} (max {shown(result.max_probability)})"
         colour = (120, 220, 120)
     draw.text((pad, pad), verdict, fill=colour, font=big)
 
@@ -920,7 +925,7 @@ def scan_paths(
                          "max_probability": f"{result.max_probability:.6f}", "seconds": f"{result.seconds:.3f}",
                          "overlay": f"{stem}.overlay.jpg", "error": ""})
             if not quiet:
-                print(f"{result.label:<9} max {result.max_probability:.3f}  {100 * result.flagged_fraction:5.1f}% "
+                print(f"{result.label:<9} max {shown(result.max_probability)}  {100 * result.flagged_fraction:5.1f}% "
                       f"flagged  {len(result.regions)} region(s)  {result.seconds:.2f} s  {path}", flush=True)
             continue
         print(f"error: {message}", file=sys.stderr, flush=True)
