@@ -460,8 +460,8 @@ def dense_logits(model: CrackModel, pixels: np.ndarray, backend: str = "auto", *
     """:func:`cell_logits`, in one ONNX Runtime pass when ``backend`` resolves to ONNX Runtime and the
     image has at most ``whole_pass_pixels`` pixels (faster on 2 cores); tiled PyTorch otherwise.
     The two agree to float rounding (``tests/test_scan.py``)."""
+    network = model.network("scan")
     if resolve_backend(backend) == "onnx" and pixels.shape[0] * pixels.shape[1] <= whole_pass_pixels:
-        network = model.network("scan")
         run = _WHOLE_PASS.get(network)
         if run is None:
             from crackscan.export import cell_logits_runner
@@ -470,8 +470,7 @@ def dense_logits(model: CrackModel, pixels: np.ndarray, backend: str = "auto", *
         return torch.from_numpy(run(pixels))
     # ONNX Runtime keeps a pass's memory pooled in its session for the next one; a photo too large for a
     # pass lets that session go first, so that the tiled pass's bound holds in a long-lived process too.
-    if model.module is not None:
-        _WHOLE_PASS.pop(model.module, None)
+    _WHOLE_PASS.pop(network, None)
     return cell_logits(model, pixels, max_values=max_values)
 
 
