@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from crackscan.images import ImageSource, describe, load_patch, read_source
+from crackscan.images import ImageSource, describe, load_patch, oriented_size, read_source
 from crackscan.model import CrackModel
 
 if TYPE_CHECKING:
@@ -90,12 +90,12 @@ def explain_image(
     Raises:
         ImageError: The image cannot be read.
     """
-    from crackscan.scan import _oriented_size, font
+    from crackscan.scan import font
 
     name = describe(source)
     data = read_source(source, name)  # once: a stream cannot be read twice
     pixels = load_patch(data, model.input_size, name=name)
-    width, height = _oriented_size(data) or (model.input_size, model.input_size)
+    width, height = oriented_size(data) or (model.input_size, model.input_size)
     probability, heat = gradcam(model, pixels)
     label = model.label_for(probability, threshold)
     cutoff = model.threshold if threshold is None else threshold

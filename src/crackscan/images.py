@@ -92,6 +92,19 @@ def read_source(source: ImageSource, name: str) -> bytes:
     return data
 
 
+def oriented_size(data: bytes) -> tuple[int, int] | None:
+    """An image's ``(width, height)`` after EXIF rotation, from its header alone; None when the header is unusable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # load_image will decode it again and say why in its own words
+        return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def _open(source: ImageSource, name: str, max_pixels: int) -> Image.Image:
     data = read_source(source, name)
     try:

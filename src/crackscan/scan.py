@@ -50,7 +50,6 @@ import json
 import math
 import sys
 import time
-import warnings
 import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -62,7 +61,15 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from crackscan.images import MAX_PIXELS, ImageError, ImageSource, describe, load_image, read_source
+from crackscan.images import (
+    MAX_PIXELS,
+    ImageError,
+    ImageSource,
+    describe,
+    load_image,
+    oriented_size,
+    read_source,
+)
 from crackscan.model import INFERENCE_CHUNK, CrackModel, resolve_backend
 
 #: Side of the dataset's patches in photo pixels (227-px crops of 4032x3024 photos): the default scale.
@@ -221,19 +228,6 @@ def _assess(result: ScanResult) -> tuple[bool, float, list[dict[str, Any]]]:
 # --------------------------------------------------------------------------------------------- decoding
 
 
-def _oriented_size(data: bytes) -> tuple[int, int] | None:
-    """The photo's size after EXIF rotation, from its header alone; None when the header is unusable."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                orientation = image.getexif().get(0x0112, 1)
-    except Exception:  # load_image will decode it again and say why in its own words
-        return None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
 def decode_scaled(
     source: ImageSource, scale: float, *, max_pixels: int = MAX_PIXELS
 ) -> tuple[Image.Image, tuple[int, int]]:
@@ -247,7 +241,7 @@ def decode_scaled(
     """
     name = describe(source)
     data = read_source(source, name)
-    size = _oriented_size(data)
+    size = oriented_size(data)
     target = None
     if size is not None:
         target = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
