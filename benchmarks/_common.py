@@ -87,11 +87,13 @@ def peak_rss_mb() -> float:
 
 
 def scan_options(variant: str) -> dict[str, Any]:
-    """Keyword arguments of a scan for a benchmark variant: "dense" (scan's default, borders verified by
-    crops), "dense-raw" (the dense map before verification), "dense-verify-N" (at most N verification
-    crops), "crops" (every patch classified alone, with the default backend: ONNX Runtime when installed)
-    or "crops-torch" (the same in PyTorch); "dense-tiled" is the default with the dense pass in PyTorch's
-    tiles (what photos too large for one ONNX Runtime pass get), "dense-raw-tiled" the raw map so."""
+    """Keyword arguments of a scan for a benchmark variant: "dense" (scan's default: with a dense head, its
+    map as it is; without, borders verified by crops), "dense-raw" (no verification), "dense-verify-N" (at
+    most N verification crops), "crops" (every patch classified alone, with the default backend: ONNX
+    Runtime when installed) or "crops-torch" (the same in PyTorch); "dense-tiled" is the default with the
+    dense pass in PyTorch's tiles (what photos too large for one ONNX Runtime pass get), "dense-raw-tiled"
+    the raw map so. An "averaged-" prefix is for :func:`variant_model` and does not change the options."""
+    variant = variant.removeprefix("averaged-")
     if variant == "crops-torch":
         return {"method": "crops", "backend": "torch"}
     if variant == "dense-tiled":
@@ -103,3 +105,18 @@ def scan_options(variant: str) -> dict[str, Any]:
     if variant.startswith("dense-verify-"):
         return {"method": "dense", "verify": int(variant.rsplit("-", 1)[1])}
     return {"method": variant}
+
+
+def variant_model(model: Any, variant: str) -> Any:
+    """The model a benchmark variant scans with: "averaged-..." variants drop the dense head, so the map is
+    the classifier's own head averaged over each patch's cells (and verified by default), as before the
+    dense head existed; other variants use the model as it is."""
+    if not variant.startswith("averaged-") or getattr(model.module, "dense_head", None) is None:
+        return model
+    import copy
+
+    from crackscan.model import CrackModel
+
+    module = copy.deepcopy(model.module)
+    del module.dense_head
+    return CrackModel(module=module, meta=dict(model.meta), path=model.path)

@@ -2,7 +2,9 @@
 
 Mosaics: real 227-px patches from ../shared/data/mendeley-dev (blocks not used for training) laid on
 a grid, so every tile's label is known. Each mosaic is scanned at patch size 227 (one tile = one
-patch) with the dense and the crop-by-crop method, and the map is scored per tile:
+patch) with the dense method (the model's dense head: scan's default; with 256 crops verifying the
+borders; and without the dense head, the classifier's head averaged over each patch's cells, verified and
+raw) and the crop-by-crop method, and the map is scored per tile:
 
 * centre: the map cell whose patch is best aligned with the tile (at most half a map step away) decides;
 * any: the tile counts as flagged when any cell whose patch centre lies inside the tile is flagged.
@@ -35,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import scan_options  # noqa: E402
+from _common import scan_options, variant_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
@@ -144,8 +146,11 @@ def main() -> None:
         args.mosaics, cols, rows = 1, 4, 3
     files = tile_files(args.data, args.split, tuple(args.blocks))
     rng = np.random.default_rng(args.seed)
-    # "dense" is scan's default (borders verified with crops); "dense-raw" the map before verification.
-    methods = ["dense", "dense-raw"] + ([] if args.no_crops else ["crops"])
+    # "dense" is scan's default (the dense head's map); "dense-verify-256" with its borders verified by crops;
+    # "averaged-..." without the dense head (the classifier's head averaged over each patch's cells),
+    # verified (scan's default before the dense head) and raw.
+    methods = ["dense", "dense-verify-256", "averaged-dense", "averaged-dense-raw"] + ([] if args.no_crops else ["crops"])
+    models = {method: variant_model(model, method) for method in methods}
     out_dir = RESULTS / "scan-mosaics"
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -161,7 +166,7 @@ def main() -> None:
         scaled = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
         for method in methods:
             started = time.perf_counter()
-            result = scan_scaled(model, scaled, image.size, source=f"mosaic-{index}", **scan_options(method))
+            result = scan_scaled(models[method], scaled, image.size, source=f"mosaic-{index}", **scan_options(method))
             per_method[method]["seconds"].append(time.perf_counter() - started)
             centre, anyone = tile_scores(result, rows, cols)
             per_method[method]["centre"].append(centre >= result.threshold)
@@ -191,9 +196,9 @@ def main() -> None:
 
     print(f"\nmodel: {model.path}  threshold {model.threshold:.3f}  tiles from "
           f"{args.split or 'blocks ' + ' '.join(map(str, args.blocks))}")
-    print(f"{'map':<32}{'accuracy':>9}{'recall':>8}{'specif.':>8}{'tiles':>7}{'s/mosaic':>9}")
+    print(f"{'map':<40}{'accuracy':>9}{'recall':>8}{'specif.':>8}{'tiles':>7}{'s/mosaic':>9}")
     for row in report_rows:
-        print(f"{row['map']:<32}{row['accuracy']:>9.3f}{row['recall']:>8.3f}{row['specificity']:>8.3f}"
+        print(f"{row['map']:<40}{row['accuracy']:>9.3f}{row['recall']:>8.3f}{row['specificity']:>8.3f}"
               f"{row['tiles']:>7}{row.get('seconds_per_mosaic', ''):>9}")
     for photo in photos:
         print(f"photo {photo['photo']}: {photo['verdict']} (expected {photo['expected']}) max {photo['max_probability']}, "

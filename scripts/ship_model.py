@@ -93,6 +93,13 @@ def write_card(run: Path, scans: list[dict], data: Path, metrics: dict[str, dict
         wall_line = (f"\nThe wall photo has no crack: its {len(wall[0]['regions'])} flagged region(s) "
                      f"({wall[0]['flagged_fraction']:.1%} of the photo) are false alarms: look at the overlays "
                      "(RUN/photos/, written by this script) to see on what.\n")
+    dense = meta.get("dense_head")
+    dense_line = "" if not dense else (
+        f"\n- Dense head for whole-photo scans (`crackscan.dense_head`): a {dense['kernel']}×{dense['kernel']} "
+        f"convolution over the base's features, fitted after training on {dense['mosaics']} mosaics of training-split "
+        f"patches to match the classifier's crops at every map cell. On validation mosaics its map cells are "
+        f"flagged as the crops flag them in {dense['val_cell_agreement']:.1%} of cells (the classifier's head "
+        f"averaged over each patch's cells: {dense['val_cell_agreement_averaged_head']:.1%}).")
     with open(run / "split.csv") as handle:
         counts["train"] = sum(1 for line in handle if ",train," in line)
     c = m["confusion"]
@@ -123,7 +130,7 @@ All figures below are written by `scripts/ship_model.py` from the run it trains;
   {meta['best_epoch']}), augmentation {cfg['augment']}, {cfg['views']} cached views per image (the decoded image, then augmented ones), seed {cfg['seed']}.
   Drawn hard negatives (cables, straight and ragged edges, joints) added for {cfg.get('hard_negatives', 0):.0%} of the
   training negatives. Wall time of this run {meta['train_seconds']:.0f} s (on a 2-core machine that was busy with
-  other jobs; `benchmarks/train_speed.py` measures training time alone).
+  other jobs; `benchmarks/train_speed.py` measures training time alone).{dense_line}
 
 ## Data and split
 - *Concrete Crack Images for Classification* (Özgenel 2019, Mendeley Data, doi:10.17632/5y9wdsg2zt.2, CC BY 4.0),

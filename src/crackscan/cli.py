@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consecutive file numbers per group when no manifest is given (default: 500)")
     t.add_argument("--target-recall", type=_probability,
                    help="choose the decision threshold on validation data to reach this recall")
+    t.add_argument("--dense-mosaics", type=_non_negative_int, default=60, metavar="N",
+                   help="fit the whole-photo scan's dense head on up to N mosaics of training patches after training "
+                        "(default 60, about a minute; 0: none, scan averages the classifier's head)")
     t.add_argument("--no-augment", action="store_true", help="train without augmentation")
     t.add_argument("--no-flips", action="store_true")
     t.add_argument("--no-rot90", action="store_true")
@@ -143,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verify", type=_non_negative_int, metavar="N",
                    help="dense only: classify up to N border cells of the regions flagged at the model's "
                         "threshold as crops, from each region's edge inwards, to trim what the dense map flags "
-                        "beside a crack (default 256; 0: off)")
+                        "beside a crack (default: 0 for a model with a dense head, as the shipped one; 256 without)")
     s.add_argument("--map", dest="map_kind", choices=("probability", "gradcam"), default="probability",
                    help="what the overlay shows")
     s.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
@@ -228,7 +231,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         head_lr=args.head_lr, finetune_lr=args.finetune_lr, unfreeze_from=args.unfreeze_from,
         batchnorm=args.batchnorm, views=args.views, hard_negatives=args.hard_negatives, patience=args.patience, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, seed=args.seed, augment=augment, crack_class=args.crack_class,
-        manifest=args.groups, run_length=args.run_length, target_recall=args.target_recall, quiet=args.quiet,
+        manifest=args.groups, run_length=args.run_length, target_recall=args.target_recall,
+        dense_mosaics=args.dense_mosaics, quiet=args.quiet,
     )
     try:
         result = train(config, resume=args.resume)

@@ -315,34 +315,33 @@ def _cached_session(model: CrackModel, kind: str, build: Callable[[], bytes], **
 
 
 class _CellLogits(nn.Module):
-    """A classifier's base, then its linear head (without the bias) at every feature cell.
+    """A classifier's base, then :func:`crackscan.scan.cell_weights` (without bias) at every feature cell:
+    what :mod:`crackscan.scan` combines into patch logits (``scan.cell_logits`` computes the same in
+    PyTorch, tile by tile)."""
 
-    Average pooling and the linear layer commute, so these cell logits are what :mod:`crackscan.scan`
-    averages into patch logits (``scan.cell_logits`` computes the same in PyTorch, tile by tile).
-    """
+    def __init__(self, model: CrackModel):
+        from crackscan.scan import cell_weights
 
-    def __init__(self, net: nn.Module):
         super().__init__()
-        self.features = net.features
-        linear = net.classifier[-1]
-        self.register_buffer("weight", linear.weight.detach().float()[:, :, None, None].clone())
+        self.features = model.network("scan").features
+        self.register_buffer("weight", cell_weights(model).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(self.features(x), self.weight)
 
 
 def cell_logits_runner(model: CrackModel) -> Callable[[np.ndarray], np.ndarray]:
-    """ONNX Runtime over a whole image: H x W x 3 uint8 -> C x ceil(H/32) x ceil(W/32) float32 cell logits.
+    """ONNX Runtime over a whole image: H x W x 3 uint8 -> M x ceil(H/32) x ceil(W/32) float32 cell logits.
 
     One pass over the whole image: faster than PyTorch's stage-by-stage tiles on 2 cores, but its
     memory grows with the image (``scan`` uses it up to :data:`crackscan.scan.WHOLE_PASS_PIXELS`).
     Exported once per model and cached like :meth:`OnnxRunner.from_model`'s graph. Raises ImportError
     without onnxruntime.
     """
-    net = model.network("scan")
+    model.network("scan")  # an ONNX-file model has no base to export: say so before anything else
 
     def build() -> bytes:
-        data = _trace(_CellLogits(net).eval(), model.input_size, model.mean, model.std, outputs=("cells",),
+        data = _trace(_CellLogits(model).eval(), model.input_size, model.mean, model.std, outputs=("cells",),
                       spatial=True)
         # Checked once, when exported: an image of uneven size against PyTorch's own tiled pass.
         from crackscan.scan import cell_logits

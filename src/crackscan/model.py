@@ -46,13 +46,29 @@ class ModelError(ValueError):
     """A model file that cannot be used, or weights that cannot be had; the message says what to do."""
 
 
-def build_model(num_classes: int = 2, dropout: float = 0.2) -> nn.Module:
-    """torchvision MobileNetV2 with a new head (dropout + linear), randomly initialised."""
+def build_model(num_classes: int = 2, dropout: float = 0.2, dense_head: int = 0) -> nn.Module:
+    """torchvision MobileNetV2 with a new head (dropout + linear), randomly initialised.
+
+    ``dense_head`` > 0 adds ``model.dense_head``, a ``dense_head x dense_head`` convolution from the base's
+    features to one crack-vs-rest logit: the whole-photo scan's head (:mod:`crackscan.dense_head`).
+    The network's forward pass does not use it.
+    """
     model = mobilenet_v2()
     model.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(FEATURE_DIM, num_classes))
     nn.init.normal_(model.classifier[1].weight, 0, 0.01)
     nn.init.zeros_(model.classifier[1].bias)
+    if dense_head:
+        model.dense_head = nn.Conv2d(FEATURE_DIM, 1, dense_head)
     return model
+
+
+#: Where a model file keeps its dense head (see :func:`build_model`).
+DENSE_HEAD_WEIGHT = "dense_head.weight"
+
+
+def dense_kernel(input_size: int) -> int:
+    """Feature cells across one patch: the side of the dense head's kernel (3 for 96-px patches)."""
+    return max(1, -(-input_size // 32))
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -433,11 +449,21 @@ def load_model(path: str | os.PathLike | None = None) -> CrackModel:
                          "`crackscan export` (no pickle is ever loaded)")
     meta = read_meta(path)
     _check_meta(str(path), meta)
-    module = build_model(num_classes=len(meta["classes"]), dropout=float(meta.get("dropout", 0.2)))
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise ModelError(f"{path}: cannot read tensors ({err})") from None
+    # Models trained before the dense head (or with --dense-mosaics 0) have none: scan then uses the
+    # classifier's own head at every cell.
+    dense = state.get(DENSE_HEAD_WEIGHT)
+    kernel = int(dense.shape[-1]) if dense is not None and dense.ndim == 4 else 0
+    if dense is not None and (not kernel or tuple(dense.shape) != (1, FEATURE_DIM, kernel, kernel)
+                              or kernel != dense_kernel(int(meta["input_size"]))):
+        raise ModelError(f"{path}: tensor {DENSE_HEAD_WEIGHT} has shape {tuple(dense.shape)}, expected "
+                         f"(1, {FEATURE_DIM}, k, k) with k = {dense_kernel(int(meta['input_size']))} "
+                         f"for input size {meta['input_size']}")
+    module = build_model(num_classes=len(meta["classes"]), dropout=float(meta.get("dropout", 0.2)),
+                         dense_head=kernel)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -7,20 +7,24 @@ resized by ``scale = input_size / patch_size`` before anything else.
 
 Two methods give the same map:
 
-* ``"dense"`` runs the convolutional base once over the scaled photo. MobileNetV2's base has an output
-  stride of 32, and the classifier is global average pooling followed by one linear layer. Both are linear,
-  so they commute: the linear layer is applied to every feature cell first (1280 -> a few logits), and
-  a ``k x k`` average of those cell logits, ``k = input_size / 32``, is exactly what the head computes for
-  the patch covering those cells. The only difference from classifying the crop is context: near a
-  patch's border the base sees real neighbouring pixels instead of zero padding.
+* ``"dense"`` runs the convolutional base once over the scaled photo (MobileNetV2's base has an output
+  stride of 32) and reads each patch's probability off the ``k x k`` feature cells under it,
+  ``k = input_size / 32``, with the model's dense head (:mod:`crackscan.dense_head`): a ``k x k``
+  convolution fitted after training so that its map matches the crops'. A model without one (trained
+  with ``--dense-mosaics 0`` or before it existed) uses its classifier's head: global average pooling
+  followed by one linear layer. Both are linear, so they commute: the linear layer is applied to every
+  feature cell first (1280 -> a few logits), and a ``k x k`` average of those cell logits is exactly what
+  the head computes for the patch covering those cells, except for context: near a patch's border the
+  base sees real neighbouring pixels instead of zero padding.
 * ``"crops"`` cuts every patch out of the same scaled photo and classifies it on its own: the reference.
 
-That context makes the dense map generous: a plain cell beside a crack sees the crack through its
-receptive field and is flagged too (``benchmarks/mosaic.py`` measures it on mosaics of real patches). So a
-dense scan then *verifies* its flagged regions from the outside in (:func:`_verify_borders`): the flagged
-cells on a region's border are classified as crops, rejected ones leave the region, and the new border is
-checked, until every region's border is confirmed or ``verify`` crops were spent. The cost follows the
-regions' outlines rather than the photo's area.
+That context makes the averaged head's map generous: a plain cell beside a crack sees the crack through
+its receptive field and is flagged too (``benchmarks/mosaic.py`` measures it on mosaics of real patches);
+the dense head was fitted to undo it. A dense scan can also *verify* its flagged regions from the outside
+in (:func:`_verify_borders`): the flagged cells on a region's border are classified as crops, rejected
+ones leave the region, and the new border is checked, until every region's border is confirmed or
+``verify`` crops were spent. The cost follows the regions' outlines rather than the photo's area. It is
+on by default only for models without a dense head (:func:`default_verify`).
 
 Geometry. Map cell ``(i, j)`` is the patch whose top-left corner lies at
 ``map_origin + (j * stride, i * stride)`` photo pixels and whose side is ``patch_size``. The stride is a
@@ -70,7 +74,7 @@ from crackscan.images import (
     oriented_size,
     read_source,
 )
-from crackscan.model import INFERENCE_CHUNK, CrackModel, resolve_backend
+from crackscan.model import INFERENCE_CHUNK, CrackModel, dense_kernel, resolve_backend
 
 #: Side of the dataset's patches in photo pixels (227-px crops of 4032x3024 photos): the default scale.
 PATCH_SIZE = 227
@@ -78,7 +82,8 @@ PATCH_SIZE = 227
 NETWORK_STRIDE = 32
 #: Crops per batch for the crop-by-crop reference method.
 CROP_BATCH = 32
-#: Most crops a dense scan classifies to verify the borders of its flagged regions.
+#: Most crops a dense scan classifies to verify the borders of its flagged regions, by default, with a
+#: model that has no dense head.
 VERIFY_CROPS = 256
 METHODS = ("dense", "crops")
 MAP_KINDS = ("probability", "gradcam")
@@ -415,14 +420,29 @@ TILE_VALUES = 32_000_000
 
 
 @torch.inference_mode()
+def cell_weights(model: CrackModel) -> torch.Tensor:
+    """What the base's features meet at every cell, as a 1x1 convolution's weight: M x 1280 x 1 x 1.
+
+    With a dense head (:mod:`crackscan.dense_head`), its ``k x k`` positions, position-major (M = k * k;
+    :func:`_dense_map` adds each position's output from its own cell). Without, the classifier's linear
+    layer (M = classes), whose cell outputs are averaged.
+    """
+    network = model.network("scan")
+    head = getattr(network, "dense_head", None)
+    if head is None:
+        return network.classifier[-1].weight.detach().float()[:, :, None, None]
+    weight = head.weight.detach().float()[0]  # 1280 x k x k
+    return weight.permute(1, 2, 0).reshape(-1, weight.shape[0])[:, :, None, None]
+
+
 def cell_logits(model: CrackModel, pixels: np.ndarray, *, max_values: int = TILE_VALUES) -> torch.Tensor:
-    """The linear head (without bias) at every feature cell of an HxWx3 uint8 image: C x ceil(H/32) x ceil(W/32).
+    """:func:`cell_weights` at every feature cell of an HxWx3 uint8 image: M x ceil(H/32) x ceil(W/32).
 
     The base runs stage by stage, each stage in tiles with enough context that the result equals one
     pass over the whole image, while memory stays bounded by ``max_values``.
     """
     first, *rest = _stages(model)
-    weight = model.network("scan").classifier[-1].weight.detach().float()[:, :, None, None]
+    weight = cell_weights(model)
 
     def read_pixels(y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
         return model.preprocess(np.array(pixels[y0:y1, x0:x1])[None])  # a writable copy of the tile
@@ -472,10 +492,21 @@ def _dense_map(model: CrackModel, work: np.ndarray, grid: _Grid, backend: str = 
     logits = dense_logits(model, work, backend, **tiling)
     # A patch's own feature map is ceil(window / 32) cells a side (each stride-2 layer pads); round() would
     # pool 2 cells for an 80-px patch (round half to even) and give the map an extra row and column.
-    cells = max(1, math.ceil(grid.window / NETWORK_STRIDE))
-    pooled = F.avg_pool2d(logits[None], cells, stride=grid.step // NETWORK_STRIDE)[0]
-    pooled = pooled + model.network("scan").classifier[-1].bias.detach().float()[:, None, None]
-    probability = torch.softmax(pooled, dim=0)[model.crack_index].numpy().astype(np.float32)
+    cells, step = dense_kernel(grid.window), grid.step // NETWORK_STRIDE
+    network = model.network("scan")
+    head = getattr(network, "dense_head", None)
+    if head is None:
+        pooled = F.avg_pool2d(logits[None], cells, stride=step)[0]
+        pooled = pooled + network.classifier[-1].bias.detach().float()[:, None, None]
+        probability = torch.softmax(pooled, dim=0)[model.crack_index]
+    else:
+        # Position (dy, dx) of the head's kernel reads the cell dy rows and dx columns into the patch.
+        span = lambda first, count: slice(first, first + (count - 1) * step + 1, step)  # noqa: E731
+        total = head.bias.detach().float()[0] + sum(
+            logits[dy * cells + dx, span(dy, grid.rows), span(dx, grid.cols)]
+            for dy in range(cells) for dx in range(cells))
+        probability = torch.sigmoid(total)
+    probability = probability.numpy().astype(np.float32)
     assert probability.shape == (grid.rows, grid.cols), (probability.shape, grid)
     return probability
 
@@ -531,8 +562,14 @@ def _crops_map(model: CrackModel, work: np.ndarray, grid: _Grid, backend: str = 
     return probability.reshape(grid.rows, grid.cols)
 
 
-def _check(patch_size: int, stride: int | None, threshold: float | None, method: str, verify: int = 0) -> None:
-    if verify < 0:
+def default_verify(model: CrackModel) -> int:
+    """Verification crops a dense scan spends when not told: none with a dense head, whose map matches
+    the crops' nearly as well (``benchmarks/mosaic.py``) at half the time; :data:`VERIFY_CROPS` without."""
+    return 0 if getattr(model.network("scan"), "dense_head", None) is not None else VERIFY_CROPS
+
+
+def _check(patch_size: int, stride: int | None, threshold: float | None, method: str, verify: int | None = None) -> None:
+    if verify is not None and verify < 0:
         raise ValueError(f"verify must be a number of crops, 0 or more, got {verify}")
     if patch_size < 8:
         raise ValueError(f"patch size must be at least 8 photo pixels, got {patch_size}")
@@ -553,7 +590,7 @@ def scan_scaled(
     stride: int | None = None,
     threshold: float | None = None,
     method: str = "dense",
-    verify: int = VERIFY_CROPS,
+    verify: int | None = None,
     source: str = "<image>",
     backend: str = "auto",
     **tiling: Any,
@@ -576,6 +613,8 @@ def scan_scaled(
     verified = rejected = 0
     if method == "dense":
         probability = _dense_map(model, work, grid, backend, **tiling)
+        if verify is None:
+            verify = default_verify(model)
         if verify:
             # At the model's own threshold whatever the caller judges at, so that the map, and what the
             # web page's slider redraws from it, is one map: scan(threshold=t) == scan().with_threshold(t).
@@ -609,7 +648,7 @@ def scan_photo(
     stride: int | None = None,
     threshold: float | None = None,
     method: str = "dense",
-    verify: int = VERIFY_CROPS,
+    verify: int | None = None,
     max_pixels: int = MAX_PIXELS,
     backend: str = "auto",
     whole_pass_pixels: int = WHOLE_PASS_PIXELS,
@@ -625,7 +664,8 @@ def scan_photo(
         threshold: Flag cells at or above this probability (default: the model's threshold).
         method: ``"dense"`` (one pass of the base, fast) or ``"crops"`` (every patch classified alone).
         verify: Dense method only: at most this many crops re-classify the borders of the regions
-            flagged at the model's threshold (:func:`_verify_borders`); 0 keeps the raw dense map.
+            flagged at the model's threshold (:func:`_verify_borders`); 0 keeps the raw dense map;
+            None: :func:`default_verify`.
         max_pixels: Refuse photos, and scaled photos, larger than this (decompression-bomb guard).
         backend: What runs the network: ``"auto"``, ``"onnx"`` or ``"torch"``, as in
             :meth:`CrackModel.crack_probability`. With ONNX Runtime, the dense pass over a photo of up to
@@ -840,7 +880,7 @@ def scan_paths(
     stride: int | None = None,
     threshold: float | None = None,
     method: str = "dense",
-    verify: int = VERIFY_CROPS,
+    verify: int | None = None,
     map_kind: str = "probability",
     quiet: bool = False,
     backend: str = "auto",
@@ -860,7 +900,8 @@ def scan_paths(
         threshold: Decision threshold (default: the model's).
         method: ``"dense"`` or ``"crops"``.
         verify: Dense method only: at most this many crops re-classify the borders of the regions
-            flagged at the model's threshold (:func:`_verify_borders`); 0 keeps the raw dense map.
+            flagged at the model's threshold (:func:`_verify_borders`); 0 keeps the raw dense map;
+            None: :func:`default_verify`.
         map_kind: What the overlay shows: ``"probability"`` or ``"gradcam"``.
         quiet: No per-photo progress line on standard output.
         backend: What runs the network (see :func:`scan_photo`).

@@ -98,6 +98,9 @@ class TrainConfig:
     manifest: str | None = None
     run_length: int = 500
     target_recall: float | None = None
+    # Mosaics of training patches the whole-photo scan's dense head is fitted on (crackscan.dense_head);
+    # 0: no dense head, scan averages the classifier's head over each patch's cells.
+    dense_mosaics: int = 60
     quiet: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -719,6 +722,13 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         y_val = (dataset.labels(val_idx) == dataset.crack_index).astype(int)
         meta["threshold"] = threshold_for_recall(y_val, val_prob, config.target_recall)
         meta["threshold_source"] = f"validation split, target recall {config.target_recall}"
+    if config.dense_mosaics:
+        from crackscan.dense_head import attach, fit_dense_head
+
+        fit = fit_dense_head(crack_model, dataset.pixels[dataset.indices("train")], dataset.pixels[val_idx],
+                             mosaics=config.dense_mosaics, seed=config.seed, say=say)
+        attach(model, fit)
+        meta["dense_head"] = fit.to_meta()
     metrics: dict[str, Any] = {}
     if len(test_idx):
         prob = crack_model.crack_probability(dataset.pixels[test_idx])
