@@ -37,13 +37,41 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data"))
 
 
+def calibrate_batchnorm(module: torch.nn.Module, meta: dict, seed: int = 0) -> None:
+    """Set every BatchNorm's statistics from a few generated images.
+
+    A freshly initialised MobileNetV2 in eval mode (running mean 0, variance 1) shrinks its activations
+    layer after layer: its 1280 features come out near 1e-10, the same everywhere, and a map computed from
+    them would pass any comparison. With real statistics they vary from place to place as a trained
+    network's do.
+    """
+    from crackscan.transforms import normalize_batch
+
+    rng = np.random.default_rng(seed)
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.reset_running_stats()
+            layer.momentum = None  # a plain average over the batches below
+    module.train()
+    with torch.no_grad():
+        for _ in range(3):
+            pixels = np.stack([np.asarray(concrete_patch(rng, 160, bool(i % 2))) for i in range(8)])
+            module.features(normalize_batch(pixels, meta["mean"], meta["std"]))
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.momentum = 0.1
+    module.eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
-    """An untrained (random) crackscan model file at input size 64: for plumbing tests, not accuracy."""
+    """An untrained crackscan model file at input size 64 (random weights, BatchNorm statistics from
+    generated images, see :func:`calibrate_batchnorm`): for plumbing tests, not accuracy."""
     torch.manual_seed(0)
     module = build_model()
     meta = make_meta(classes=["Negative", "Positive"], crack_index=1, input_size=TINY_SIZE)
-    return save_model(tmp_path_factory.mktemp("model") / "tiny.safetensors", module.eval(), meta)
+    calibrate_batchnorm(module, meta)
+    return save_model(tmp_path_factory.mktemp("model") / "tiny.safetensors", module, meta)
 
 
 def require(path: Path) -> Path:

@@ -58,7 +58,7 @@ def test_dense_head_map_is_the_head_convolved_over_the_features(tiny_model, back
         features = model.module.features(model.preprocess(pixels[None]))
         want = torch.sigmoid(model.module.dense_head(features)[0, 0, ::cells, ::cells]).numpy()
     assert result.map_shape == want.shape == (rows, cols)
-    np.testing.assert_allclose(result.probability, want, atol=1e-5)
+    np.testing.assert_allclose(result.probability, want, atol=3e-4)  # fused BatchNorm, tiles: float rounding
 
 
 def test_the_averaged_head_as_a_dense_head_gives_the_averaged_map(tiny_model):

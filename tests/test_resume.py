@@ -24,6 +24,7 @@ import torch
 from conftest import IMAGENET_WEIGHTS, make_dataset
 from crackscan.cli import main
 from crackscan.model import META_KEY, atomic_save_tensors, load_model
+from crackscan.scan import VERIFY_CROPS, default_verify
 
 HEAD_EPOCHS, FINETUNE_EPOCHS = 1, 4
 EPOCHS = HEAD_EPOCHS + FINETUNE_EPOCHS
@@ -36,7 +37,7 @@ def train_args() -> list[str]:
     return ["--weights", weights, "--input-size", "64", "--head-epochs", str(HEAD_EPOCHS),
             "--finetune-epochs", str(FINETUNE_EPOCHS), "--finetune-lr", str(FINETUNE_LR), "--views", "1",
             "--run-length", "5", "--batch-size", "4", "--patience", "10", "--test-fraction", "0", "--seed", "3",
-            "--quiet"]
+            "--dense-mosaics", "0", "--quiet"]
 
 
 def start(*args: str) -> subprocess.Popen:
@@ -261,3 +262,8 @@ def test_resumed_run_matches_an_uninterrupted_one(story, dataset, tmp_path):
     # Same seed, same data: the values agree closely (dropout draws differ after a restart).
     for a, b in zip(straight, resumed):
         assert abs(float(a["val_loss"]) - float(b["val_loss"])) < 0.2
+    # --dense-mosaics 0: no dense head, so scans average the classifier's head and verify by default.
+    for folder in (tmp_path / "u", run_dir):
+        model = load_model(folder)
+        assert not hasattr(model.module, "dense_head") and "dense_head" not in model.meta
+        assert default_verify(model) == VERIFY_CROPS

@@ -100,7 +100,9 @@ def test_single_patch_photo_dense_equals_crops_and_predict(tiny_model, tmp_path)
     assert dense.map_shape == crops.map_shape == (1, 1)
     direct = tiny_model.predict([path], backend="torch")[0].probability
     assert dense.probability[0, 0] == pytest.approx(crops.probability[0, 0], abs=1e-5)
-    assert dense.probability[0, 0] == pytest.approx(direct, abs=1e-5)
+    # predict resizes the patch with PyTorch's kernel where it can, scan the whole photo with PIL's: a few
+    # pixel values differ by one level, which moves this random network's probability by a few thousandths.
+    assert dense.probability[0, 0] == pytest.approx(direct, abs=0.01)
 
 
 def test_crop_method_classifies_with_the_backend_asked_for(tiny_model, tmp_path):

@@ -71,6 +71,9 @@ def test_checkpoint_round_trip_and_metadata(trained_run, tiny_dataset):
     assert np.allclose(a, b)
     metrics = json.loads((trained_run / "test" / "metrics.json").read_text())
     assert metrics["n"] > 0 and len(metrics["accuracy_ci"]) == 2
+    # The run ends by fitting the scan's dense head (2 x 2 cells for 64-px patches), saved with the model.
+    assert tuple(model.module.dense_head.weight.shape) == (1, 1280, 2, 2)
+    assert meta["dense_head"]["kernel"] == 2 and meta["dense_head"]["mosaics"] >= 2
 
 
 def test_evaluate_reuses_the_split(trained_run, tiny_dataset, tmp_path, capsys):
@@ -116,7 +119,7 @@ def test_cli_defaults_match_the_library_defaults():
     lib = TrainConfig(data="DATA")
     for name in ("input_size", "batch_size", "head_epochs", "finetune_epochs", "head_lr", "finetune_lr",
                  "unfreeze_from", "batchnorm", "views", "patience", "val_fraction", "test_fraction", "seed",
-                 "run_length", "weights", "hard_negatives"):
+                 "run_length", "weights", "hard_negatives", "dense_mosaics"):
         assert getattr(args, name) == getattr(lib, name), name
     assert (args.crop_scale, args.jitter) == (lib.augment.crop_scale, lib.augment.jitter)
 
