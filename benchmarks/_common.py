@@ -111,7 +111,7 @@ def variant_model(model: Any, variant: str) -> Any:
     """The model a benchmark variant scans with: "averaged-..." variants drop the dense head, so the map is
     the classifier's own head averaged over each patch's cells (and verified by default), as before the
     dense head existed; other variants use the model as it is."""
-    if not variant.startswith("averaged-") or getattr(model.module, "dense_head", None) is None:
+    if not variant.startswith("averaged-") or model.dense_head is None:
         return model
     import copy
 

@@ -101,6 +101,10 @@ def test_model_file_keeps_its_dense_head(tiny_model, tmp_path):
     # Its scans skip verification unless asked for.
     pixels = np.asarray(concrete_patch(np.random.default_rng(1), 256, True))
     assert scan_scaled(loaded, pixels, (256, 256), patch_size=64, threshold=0.0).verified == 0
+    # The JSON says which head made the map.
+    assert scan_scaled(loaded, pixels, (256, 256), patch_size=64).to_dict()["head"] == "dense"
+    assert scan_scaled(tiny_model, pixels, (256, 256), patch_size=64).to_dict()["head"] == "averaged"
+    assert scan_scaled(loaded, pixels, (256, 256), patch_size=64, method="crops").to_dict()["head"] == "classifier"
 
 
 def test_a_dense_head_that_does_not_fit_the_input_size_is_refused(tiny_model, tmp_path):
@@ -109,3 +113,26 @@ def test_a_dense_head_that_does_not_fit_the_input_size_is_refused(tiny_model, tm
     path = save_model(tmp_path / "bad.safetensors", module, dict(tiny_model.meta))
     with pytest.raises(ModelError, match="dense_head.weight has shape"):
         load_model(path)
+
+
+@pytest.mark.parametrize("input_size", [80, 90, 120])
+def test_fit_and_scan_at_input_sizes_that_are_not_multiples_of_32(tiny_model, input_size, tmp_path):
+    # The features must cover exactly the cells the crops are cut for, as in a scan's grid.
+    module = copy.deepcopy(tiny_model.module)
+    model = CrackModel(module=module, meta={**tiny_model.meta, "input_size": input_size})
+    rng = np.random.default_rng(input_size)
+    patches = np.stack([np.asarray(concrete_patch(rng, input_size, bool(i % 2))) for i in range(20)])
+    fit = fit_dense_head(model, patches, patches, mosaics=2, val_mosaics=1, epochs=2)
+    k = -(-input_size // 32)
+    assert fit.weight.shape == (1, 1280, k, k) and fit.agreement is not None
+    attach(module, fit)
+    path = model.save(tmp_path / f"m{input_size}.safetensors")
+    photo = np.asarray(concrete_patch(rng, 400, True).resize((333, 257)))
+    result = scan_scaled(load_model(path), photo, (333, 257), patch_size=input_size)
+    assert result.head == "dense" and result.map_shape == ((257 - input_size) // 32 + 1, (333 - input_size) // 32 + 1)
+
+
+def test_only_the_given_rows_are_drawn():
+    patches = np.arange(10, dtype=np.uint8)[:, None, None, None] * np.ones((1, 96, 96, 3), np.uint8)
+    mosaics = build_mosaics(patches, 4, np.random.default_rng(0), rows=np.array([2, 7]))
+    assert set(np.unique(mosaics)) == {2, 7}

@@ -98,10 +98,13 @@ def test_single_patch_photo_dense_equals_crops_and_predict(tiny_model, tmp_path)
     dense = scan_photo(tiny_model, path)
     crops = scan_photo(tiny_model, path, method="crops")
     assert dense.map_shape == crops.map_shape == (1, 1)
-    direct = tiny_model.predict([path], backend="torch")[0].probability
+    scaled, _ = decode_scaled(path, tiny_model.input_size / 227)
+    same_pixels = tiny_model.crack_probability(np.asarray(scaled)[None], backend="torch")[0]
     assert dense.probability[0, 0] == pytest.approx(crops.probability[0, 0], abs=1e-5)
+    assert dense.probability[0, 0] == pytest.approx(same_pixels, abs=1e-5)
     # predict resizes the patch with PyTorch's kernel where it can, scan the whole photo with PIL's: a few
     # pixel values differ by one level, which moves this random network's probability by a few thousandths.
+    direct = tiny_model.predict([path], backend="torch")[0].probability
     assert dense.probability[0, 0] == pytest.approx(direct, abs=0.01)
 
 

@@ -226,3 +226,38 @@ def test_hard_negatives_are_drawn_as_their_part_is_needed(tiny_dataset, tmp_path
     # Once every view is cached, the drawn lines and the ONNX Runtime session are let go.
     trainer.ensure_views(trainer.n_views)
     assert len(trainer.views) == 2 and trainer._drawn is None and trainer.runner is None
+
+
+def _tiny_train(data, out, *extra):
+    return main(["train", str(data), "--out", str(out), "--name", "r", "--weights", weights_arg(), "--input-size", "64",
+                 "--head-epochs", "1", "--finetune-epochs", "0", "--run-length", "5", "--quiet", *extra])
+
+
+def test_ctrl_c_while_fitting_the_dense_head_can_be_finished_with_resume(tiny_dataset, tmp_path, capsys, monkeypatch):
+    import crackscan.dense_head
+
+    real_fit = crackscan.dense_head.fit_dense_head
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
+
+    monkeypatch.setattr(crackscan.dense_head, "fit_dense_head", interrupted)
+    assert _tiny_train(tiny_dataset, tmp_path) == 130
+    assert "Finish with: crackscan train --resume" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "model.safetensors").exists()
+    monkeypatch.setattr(crackscan.dense_head, "fit_dense_head", real_fit)
+    assert main(["train", "--resume", str(tmp_path / "r"), "--quiet"]) == 0
+    assert load_model(tmp_path / "r").dense_head is not None
+
+
+def test_a_failed_dense_head_fit_keeps_the_trained_model(tiny_dataset, tmp_path, monkeypatch):
+    import crackscan.dense_head
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(crackscan.dense_head, "fit_dense_head", broken)
+    with pytest.warns(UserWarning, match="dense head not fitted.*out of memory"):
+        assert _tiny_train(tiny_dataset, tmp_path) == 0
+    model = load_model(tmp_path / "r")
+    assert model.dense_head is None and "dense_head" not in model.meta

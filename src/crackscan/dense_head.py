@@ -4,8 +4,9 @@ Why. ``scan`` runs the convolutional base once over a photo and reads each patch
 cells under it. The classifier's own head (global average pooling, then one linear layer) can be applied to
 every cell and averaged over a patch's ``k x k`` cells (:mod:`crackscan.scan`), but in a whole photo those
 cells also see the surface around the patch, where a lone crop sees zero padding. That map is generous:
-plain surface beside a crack is flagged too (on mosaics of test patches it got 91.7% of tiles right against
-100% for crop by crop), and scan had to re-classify its regions' borders as crops to correct it.
+plain surface beside a crack is flagged too (on mosaics of test patches it got 84-92% of tiles right against
+99.5-100% for crop by crop, ``benchmarks/mosaic.py``), and scan had to re-classify its regions' borders as
+crops to correct it.
 
 What. The dense head is one ``k x k`` convolution from the base's 1280 feature channels to a crack-vs-rest
 logit (``k`` cells across a patch: 3 for 96-px patches). Each of the ``k x k`` positions has its own
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crackscan.model import FEATURE_DIM, CrackModel, dense_kernel
-from crackscan.scan import NETWORK_STRIDE
+from crackscan.scan import grid_crops, work_area
 
 #: Side of a fitting mosaic in network pixels (8 x 8 tiles of 96 px).
 MOSAIC_SIDE = 768
@@ -67,7 +68,8 @@ def averaged_head(model: CrackModel) -> tuple[torch.Tensor, torch.Tensor]:
     """The classifier's head as a dense head: its crack-vs-rest weights, split equally over ``k x k`` cells.
 
     With two classes this is exact: sigmoid of (crack logit - other logit) is the softmax's crack
-    probability. With more, the other classes' mean stands in for the rest.
+    probability. With more, the other classes' mean stands in for the rest, so the fit starts near, not at,
+    the averaged map, and the "averaged head" agreement it reports is that approximation's.
     """
     linear = model.network("scan").classifier[-1]
     weight, bias = linear.weight.detach().float(), linear.bias.detach().float()
@@ -88,10 +90,13 @@ def mosaic_count(most: int, patches: int, size: int) -> int:
     return min(most, max(2, math.ceil(patches / _tiles(size) ** 2)))
 
 
-def build_mosaics(pixels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """``count`` mosaics of random patches (N x S x S x 3 uint8 at the input size) laid edge to edge."""
+def build_mosaics(pixels: np.ndarray, count: int, rng: np.random.Generator,
+                  rows: np.ndarray | None = None) -> np.ndarray:
+    """``count`` mosaics of random patches (N x S x S x 3 uint8 at the input size, or only its ``rows``)
+    laid edge to edge."""
     tiles, size = _tiles(pixels.shape[1]), pixels.shape[1]
-    chosen = rng.integers(len(pixels), size=(count, tiles, tiles))
+    pool = np.arange(len(pixels)) if rows is None else np.asarray(rows)
+    chosen = pool[rng.integers(len(pool), size=(count, tiles, tiles))]
     # N x tiles x tiles x size x size x 3 -> N x (tiles * size) x (tiles * size) x 3
     grid = pixels[chosen].transpose(0, 1, 3, 2, 4, 5)
     return np.ascontiguousarray(grid.reshape(count, tiles * size, tiles * size, 3))
@@ -99,16 +104,16 @@ def build_mosaics(pixels: np.ndarray, count: int, rng: np.random.Generator) -> n
 
 @torch.inference_mode()
 def _features_and_teacher(model: CrackModel, mosaics: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Base features (N x 1280 x h x w, float16) and the crops' crack probability at every map cell."""
-    net, size = model.network("dense head"), model.input_size
-    side = mosaics.shape[1]
-    cells = (side - size) // NETWORK_STRIDE + 1
+    """Base features (N x 1280 x h x w, float16) and the crops' crack probability at every map cell,
+    over the part of each mosaic a scan's grid covers (:func:`crackscan.scan.work_area`)."""
+    net = model.network("dense head")
     features, teacher = [], []
     for mosaic in mosaics:
-        features.append(net.features(model.preprocess(mosaic[None]))[0].half())
-        crops = np.stack([mosaic[i * NETWORK_STRIDE:i * NETWORK_STRIDE + size, j * NETWORK_STRIDE:j * NETWORK_STRIDE + size]
-                          for i in range(cells) for j in range(cells)])
-        teacher.append(torch.from_numpy(model.crack_probability(crops)).reshape(cells, cells))
+        work, grid = work_area(mosaic, model.input_size)
+        features.append(net.features(model.preprocess(np.ascontiguousarray(work)[None]))[0].half())
+        cells = [(i, j) for i in range(grid.rows) for j in range(grid.cols)]
+        probability = model.crack_probability(grid_crops(work, grid, cells))
+        teacher.append(torch.from_numpy(probability).reshape(grid.rows, grid.cols))
     return torch.stack(features), torch.stack(teacher)
 
 
@@ -129,6 +134,8 @@ def fit_dense_head(
     train_pixels: np.ndarray,
     val_pixels: np.ndarray | None = None,
     *,
+    train_rows: np.ndarray | None = None,
+    val_rows: np.ndarray | None = None,
     mosaics: int = 60,
     val_mosaics: int = 8,
     epochs: int = 30,
@@ -143,7 +150,9 @@ def fit_dense_head(
     Args:
         model: The trained classifier; its base and head are not changed.
         train_pixels: Training-split patches at the input size (N x S x S x 3 uint8) to build mosaics from.
-        val_pixels: Validation-split patches for the agreement figures (None or empty: not measured).
+        val_pixels: Validation-split patches for the agreement figures (None or no rows: not measured).
+        train_rows, val_rows: Only these rows of ``train_pixels``/``val_pixels`` (all when None): a
+            dataset's pixels need not be copied out split by split.
         mosaics: At most this many fitting mosaics, one per mosaic's worth of training patches (60
             mosaics of 8 x 8 96-px patches: about a minute on 2 cores, mostly classifying their crops).
         pull: Weight of the L2 pull towards the averaged head.
@@ -152,8 +161,9 @@ def fit_dense_head(
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     start_weight, start_bias = averaged_head(model)
-    mosaics = mosaic_count(mosaics, len(train_pixels), model.input_size)
-    features, teacher = _features_and_teacher(model, build_mosaics(train_pixels, mosaics, rng))
+    train_count = len(train_pixels) if train_rows is None else len(train_rows)
+    mosaics = mosaic_count(mosaics, train_count, model.input_size)
+    features, teacher = _features_and_teacher(model, build_mosaics(train_pixels, mosaics, rng, train_rows))
     target = teacher.clamp(1e-4, 1 - 1e-4)
     weight, bias = start_weight.clone().requires_grad_(True), start_bias.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([weight, bias], lr=lr)
@@ -168,9 +178,10 @@ def fit_dense_head(
             optimizer.step()
     weight, bias = weight.detach(), bias.detach()
     agreement = start_agreement = None
-    if val_pixels is not None and len(val_pixels) and val_mosaics:
-        val_mosaics = mosaic_count(val_mosaics, len(val_pixels), model.input_size)
-        val_features, val_teacher = _features_and_teacher(model, build_mosaics(val_pixels, val_mosaics, rng))
+    val_count = 0 if val_pixels is None else len(val_pixels) if val_rows is None else len(val_rows)
+    if val_count and val_mosaics:
+        val_mosaics = mosaic_count(val_mosaics, val_count, model.input_size)
+        val_features, val_teacher = _features_and_teacher(model, build_mosaics(val_pixels, val_mosaics, rng, val_rows))
         agreement = _agreement(val_features, val_teacher, weight, bias, model.threshold)
         start_agreement = _agreement(val_features, val_teacher, start_weight, start_bias, model.threshold)
         say(f"dense head: map cells flagged as the crops flag them on {val_mosaics} validation mosaics: "

@@ -204,6 +204,12 @@ class CrackModel:
     def std(self) -> tuple[float, float, float]:
         return tuple(self.meta["std"])
 
+    @property
+    def dense_head(self) -> nn.Conv2d | None:
+        """The whole-photo scan's head (:mod:`crackscan.dense_head`), or None: a model trained without one,
+        or an ONNX file."""
+        return getattr(self.module, "dense_head", None)
+
     def label_for(self, probability: float, threshold: float | None = None) -> str:
         """The class name for a crack probability at the model's (or a given) threshold."""
         t = self.threshold if threshold is None else threshold

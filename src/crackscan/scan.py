@@ -5,11 +5,11 @@ Scale. The training patches are 227-px crops of 4032x3024 photos, shown to the n
 ``input_size`` network pixels, so the whole photo is decoded (JPEG DCT draft when it shrinks enough) and
 resized by ``scale = input_size / patch_size`` before anything else.
 
-Two methods give the same map:
+Two methods make the map:
 
 * ``"dense"`` runs the convolutional base once over the scaled photo (MobileNetV2's base has an output
   stride of 32) and reads each patch's probability off the ``k x k`` feature cells under it,
-  ``k = input_size / 32``, with the model's dense head (:mod:`crackscan.dense_head`): a ``k x k``
+  ``k = ceil(input_size / 32)``, with the model's dense head (:mod:`crackscan.dense_head`): a ``k x k``
   convolution fitted after training so that its map matches the crops'. A model without one (trained
   with ``--dense-mosaics 0`` or before it existed) uses its classifier's head: global average pooling
   followed by one linear layer. Both are linear, so they commute: the linear layer is applied to every
@@ -103,6 +103,9 @@ class ScanResult:
         scale: Network pixels per photo pixel (``input_size / patch_size``).
         map_origin: Photo coordinates ``(x, y)`` of the top-left corner of cell (0, 0)'s patch.
         method: ``"dense"`` or ``"crops"``.
+        head: What turned features into the map: ``"dense"`` (the model's dense head), ``"averaged"`` (the
+            classifier's head averaged over each patch's cells: a model without a dense head) or
+            ``"classifier"`` (crops, each classified whole).
         verdict: True when at least one cell is flagged.
         flagged_fraction: Share of the photo's area covered by flagged cells.
         regions: Connected groups of flagged cells (8-neighbourhood), strongest first: ``box``
@@ -123,6 +126,7 @@ class ScanResult:
     scale: float
     map_origin: tuple[float, float]
     method: str = "dense"
+    head: str = "dense"
     verdict: bool = False
     flagged_fraction: float = 0.0
     regions: list[dict[str, Any]] = field(default_factory=list)
@@ -182,6 +186,7 @@ class ScanResult:
             "map_shape": list(self.map_shape),
             "map_origin": [round(v, 3) for v in self.map_origin],
             "method": self.method,
+            "head": self.head,
             "verified_cells": self.verified,
             "rejected_cells": self.rejected,
             "seconds": round(self.seconds, 4),
@@ -305,6 +310,13 @@ def _work_pixels(scaled: np.ndarray, grid: _Grid) -> np.ndarray:
     return scaled[y:y + height, x:x + width]
 
 
+def work_area(pixels: np.ndarray, window: int, step: int = NETWORK_STRIDE) -> tuple[np.ndarray, _Grid]:
+    """The map's grid over HxWx3 scaled pixels (``window``-px patches every ``step`` px, centred) and the
+    pixels it covers: what the dense pass runs over and crops are cut from (:func:`grid_crops`)."""
+    grid = _plan(pixels.shape[1], pixels.shape[0], window, step)
+    return _work_pixels(pixels, grid), grid
+
+
 _FUSED: "weakref.WeakKeyDictionary[nn.Module, list[_Stage]]" = weakref.WeakKeyDictionary()
 
 # The base is run in three stages, cut where the activation that has to be kept whole between stages is
@@ -419,7 +431,6 @@ def _run_tiled(
 TILE_VALUES = 32_000_000
 
 
-@torch.inference_mode()
 def cell_weights(model: CrackModel) -> torch.Tensor:
     """What the base's features meet at every cell, as a 1x1 convolution's weight: M x 1280 x 1 x 1.
 
@@ -427,14 +438,14 @@ def cell_weights(model: CrackModel) -> torch.Tensor:
     :func:`_dense_map` adds each position's output from its own cell). Without, the classifier's linear
     layer (M = classes), whose cell outputs are averaged.
     """
-    network = model.network("scan")
-    head = getattr(network, "dense_head", None)
+    network, head = model.network("scan"), model.dense_head
     if head is None:
         return network.classifier[-1].weight.detach().float()[:, :, None, None]
     weight = head.weight.detach().float()[0]  # 1280 x k x k
     return weight.permute(1, 2, 0).reshape(-1, weight.shape[0])[:, :, None, None]
 
 
+@torch.inference_mode()
 def cell_logits(model: CrackModel, pixels: np.ndarray, *, max_values: int = TILE_VALUES) -> torch.Tensor:
     """:func:`cell_weights` at every feature cell of an HxWx3 uint8 image: M x ceil(H/32) x ceil(W/32).
 
@@ -493,13 +504,13 @@ def _dense_map(model: CrackModel, work: np.ndarray, grid: _Grid, backend: str = 
     # A patch's own feature map is ceil(window / 32) cells a side (each stride-2 layer pads); round() would
     # pool 2 cells for an 80-px patch (round half to even) and give the map an extra row and column.
     cells, step = dense_kernel(grid.window), grid.step // NETWORK_STRIDE
-    network = model.network("scan")
-    head = getattr(network, "dense_head", None)
+    network, head = model.network("scan"), model.dense_head
     if head is None:
         pooled = F.avg_pool2d(logits[None], cells, stride=step)[0]
         pooled = pooled + network.classifier[-1].bias.detach().float()[:, None, None]
         probability = torch.softmax(pooled, dim=0)[model.crack_index]
     else:
+        assert head.weight.shape[-1] == cells, (tuple(head.weight.shape), cells)  # load_model checks files
         # Position (dy, dx) of the head's kernel reads the cell dy rows and dx columns into the patch.
         span = lambda first, count: slice(first, first + (count - 1) * step + 1, step)  # noqa: E731
         total = head.bias.detach().float()[0] + sum(
@@ -511,8 +522,8 @@ def _dense_map(model: CrackModel, work: np.ndarray, grid: _Grid, backend: str = 
     return probability
 
 
-def _crops(work: np.ndarray, grid: _Grid, cells: Sequence[tuple[int, int]]) -> np.ndarray:
-    """The patches of some map cells, N x window x window x 3."""
+def grid_crops(work: np.ndarray, grid: _Grid, cells: Sequence[tuple[int, int]]) -> np.ndarray:
+    """The patches of some map cells, N x window x window x 3 (``work`` and ``grid`` from :func:`work_area`)."""
     w, s = grid.window, grid.step
     return np.stack([work[i * s:i * s + w, j * s:j * s + w] for i, j in cells])
 
@@ -546,7 +557,7 @@ def _verify_borders(model: CrackModel, work: np.ndarray, grid: _Grid, probabilit
         cells = list(zip(rows[weakest], cols[weakest]))
         for start in range(0, len(cells), INFERENCE_CHUNK):  # crops are cut batch by batch: bounded memory
             chunk = cells[start:start + INFERENCE_CHUNK]
-            for (i, j), value in zip(chunk, model.crack_probability(_crops(work, grid, chunk), backend)):
+            for (i, j), value in zip(chunk, model.crack_probability(grid_crops(work, grid, chunk), backend)):
                 probability[i, j] = value
                 verified[i, j] = True
                 rejected += int(value < threshold)
@@ -558,14 +569,15 @@ def _crops_map(model: CrackModel, work: np.ndarray, grid: _Grid, backend: str = 
     cells = [(i, j) for i in range(grid.rows) for j in range(grid.cols)]
     for start in range(0, len(cells), CROP_BATCH):
         chunk = cells[start:start + CROP_BATCH]
-        probability[start:start + len(chunk)] = model.crack_probability(_crops(work, grid, chunk), backend)
+        probability[start:start + len(chunk)] = model.crack_probability(grid_crops(work, grid, chunk), backend)
     return probability.reshape(grid.rows, grid.cols)
 
 
 def default_verify(model: CrackModel) -> int:
     """Verification crops a dense scan spends when not told: none with a dense head, whose map matches
     the crops' nearly as well (``benchmarks/mosaic.py``) at half the time; :data:`VERIFY_CROPS` without."""
-    return 0 if getattr(model.network("scan"), "dense_head", None) is not None else VERIFY_CROPS
+    model.network("scan")  # an ONNX file cannot scan: say so here too
+    return 0 if model.dense_head is not None else VERIFY_CROPS
 
 
 def _check(patch_size: int, stride: int | None, threshold: float | None, method: str, verify: int | None = None) -> None:
@@ -607,8 +619,7 @@ def scan_scaled(
     pixels = np.asarray(scaled.convert("RGB") if isinstance(scaled, Image.Image) else scaled, dtype=np.uint8)
     scale = model.input_size / patch_size
     cells = 1 if stride is None else max(1, round(stride * scale / NETWORK_STRIDE))
-    grid = _plan(pixels.shape[1], pixels.shape[0], model.input_size, cells * NETWORK_STRIDE)
-    work = _work_pixels(pixels, grid)
+    work, grid = work_area(pixels, model.input_size, cells * NETWORK_STRIDE)
     threshold = float(model.threshold if threshold is None else threshold)
     verified = rejected = 0
     if method == "dense":
@@ -633,6 +644,7 @@ def scan_scaled(
         scale=scale,
         map_origin=(grid.offset[0] * ratio_x, grid.offset[1] * ratio_y),
         method=method,
+        head="classifier" if method == "crops" else "averaged" if model.dense_head is None else "dense",
         seconds=time.perf_counter() - started,
         verified=verified,
         rejected=rejected,

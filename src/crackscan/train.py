@@ -129,8 +129,11 @@ class TrainResult:
 class TrainingInterrupted(Exception):
     """Ctrl-C during training; the last finished epoch is saved and the run can be resumed."""
 
-    def __init__(self, run_dir: Path, epoch: int):
-        if epoch == 0:
+    def __init__(self, run_dir: Path, epoch: int, after_training: bool = False):
+        if after_training:
+            message = (f"interrupted after training, while fitting the dense head; epochs 1-{epoch} are saved in "
+                       f"{run_dir}. Finish with: crackscan train --resume {run_dir}")
+        elif epoch == 0:
             message = f"interrupted during epoch 1, before any epoch was saved in {run_dir}; start the run again"
         else:
             message = (
@@ -725,10 +728,17 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     if config.dense_mosaics:
         from crackscan.dense_head import attach, fit_dense_head
 
-        fit = fit_dense_head(crack_model, dataset.pixels[dataset.indices("train")], dataset.pixels[val_idx],
-                             mosaics=config.dense_mosaics, seed=config.seed, say=say)
-        attach(model, fit)
-        meta["dense_head"] = fit.to_meta()
+        try:
+            fit = fit_dense_head(crack_model, dataset.pixels, dataset.pixels, train_rows=dataset.indices("train"),
+                                 val_rows=val_idx, mosaics=config.dense_mosaics, seed=config.seed, say=say)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(run_dir, trainer.saved_epochs, after_training=True) from None
+        except Exception as err:  # the trained classifier is worth more than its scan head: keep it
+            warnings.warn(f"dense head not fitted ({type(err).__name__}: {err}); scans with this model "
+                          "average the classifier's head and verify the borders with crops")
+        else:
+            attach(model, fit)
+            meta["dense_head"] = fit.to_meta()
     metrics: dict[str, Any] = {}
     if len(test_idx):
         prob = crack_model.crack_probability(dataset.pixels[test_idx])
