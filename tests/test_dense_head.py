@@ -13,7 +13,17 @@ from conftest import concrete_patch
 from crackscan.dense_head import DenseHeadFit, attach, averaged_head, build_mosaics, fit_dense_head
 from crackscan.model import CrackModel, ModelError, load_model, save_model
 from crackscan.scan import VERIFY_CROPS, default_verify, scan_scaled
-from test_scan import HEAD_SIZE, grid_photo, head_model, tiny_model  # noqa: F401  (fixtures)
+from test_scan import HEAD_SIZE, grid_photo, head_trained_model_path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_path):
+    return load_model(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def head_model():
+    return load_model(head_trained_model_path())
 
 
 def _with_head(model: CrackModel, weight: torch.Tensor, bias: torch.Tensor) -> CrackModel:

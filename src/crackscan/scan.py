@@ -575,7 +575,8 @@ def _crops_map(model: CrackModel, work: np.ndarray, grid: _Grid, backend: str = 
 
 def default_verify(model: CrackModel) -> int:
     """Verification crops a dense scan spends when not told: none with a dense head, whose map matches
-    the crops' nearly as well (``benchmarks/mosaic.py``) at half the time; :data:`VERIFY_CROPS` without."""
+    the crops' on mosaics as well as a verified one (``benchmarks/mosaic.py``) and is faster without them
+    (``benchmarks/scan.py``); :data:`VERIFY_CROPS` without."""
     model.network("scan")  # an ONNX file cannot scan: say so here too
     return 0 if model.dense_head is not None else VERIFY_CROPS
 
