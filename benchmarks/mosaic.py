@@ -180,7 +180,10 @@ def main() -> None:
     for method in methods:
         for rule in ("centre", "any"):
             flagged = np.concatenate([m.ravel() for m in per_method[method][rule]])
+            # Tile by tile against the crop-by-crop map (same rule), not only the same accuracy.
+            crops = np.concatenate([m.ravel() for m in per_method["crops"][rule]]) if "crops" in per_method else None
             report_rows.append(dict(map=f"{method} map, {rule} cell", **score(labels, flagged),
+                                    same_as_crops=None if crops is None else round(float((flagged == crops).mean()), 4),
                                     seconds_per_mosaic=round(float(np.mean(per_method[method]["seconds"])), 3)))
 
     photos = []
@@ -196,10 +199,11 @@ def main() -> None:
 
     print(f"\nmodel: {model.path}  threshold {model.threshold:.3f}  tiles from "
           f"{args.split or 'blocks ' + ' '.join(map(str, args.blocks))}")
-    print(f"{'map':<40}{'accuracy':>9}{'recall':>8}{'specif.':>8}{'tiles':>7}{'s/mosaic':>9}")
+    print(f"{'map':<40}{'accuracy':>9}{'recall':>8}{'specif.':>8}{'tiles':>7}{'as crops':>9}{'s/mosaic':>9}")
     for row in report_rows:
         print(f"{row['map']:<40}{row['accuracy']:>9.3f}{row['recall']:>8.3f}{row['specificity']:>8.3f}"
-              f"{row['tiles']:>7}{row.get('seconds_per_mosaic', ''):>9}")
+              f"{row['tiles']:>7}{'' if row.get('same_as_crops') is None else row['same_as_crops']:>9}"
+              f"{row.get('seconds_per_mosaic', ''):>9}")
     for photo in photos:
         print(f"photo {photo['photo']}: {photo['verdict']} (expected {photo['expected']}) max {photo['max_probability']}, "
               f"{photo['regions']} region(s), {100 * photo['flagged_fraction']:.1f}% flagged")
