@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import concrete_patch
 from crackscan.dense_head import DenseHeadFit, attach, averaged_head, build_mosaics, fit_dense_head
-from crackscan.model import CrackModel, ModelError, load_model, save_model
+from crackscan.model import CrackModel, ModelError, dense_kernel, load_model, save_model
 from crackscan.scan import VERIFY_CROPS, default_verify, scan_scaled
 from test_scan import HEAD_SIZE, grid_photo, head_trained_model_path
 
@@ -35,7 +35,7 @@ def _with_head(model: CrackModel, weight: torch.Tensor, bias: torch.Tensor) -> C
 
 def _random_head(model: CrackModel, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    k = -(-model.input_size // 32)
+    k = dense_kernel(model.input_size)
     return torch.randn(1, 1280, k, k, generator=generator) * 0.05, torch.tensor([0.3])
 
 
@@ -86,7 +86,8 @@ def test_fitted_head_follows_the_crops_better_than_the_averaged_head(head_model,
     train = np.stack([np.asarray(concrete_patch(rng, HEAD_SIZE, bool(i % 3 == 0))) for i in range(216)])
     val = np.stack([np.asarray(concrete_patch(rng, HEAD_SIZE, bool(i % 3 == 0))) for i in range(72)])
     said = []
-    fit = fit_dense_head(head_model, train, val, mosaics=6, val_mosaics=2, say=said.append)
+    fit = fit_dense_head(head_model, np.concatenate([train, val]), np.arange(216), np.arange(216, 288),
+                         mosaics=6, val_mosaics=2, say=said.append)
     assert fit.mosaics == 6 and fit.weight.shape == (1, 1280, 4, 4)
     assert fit.agreement > fit.start_agreement and "validation mosaics" in said[0]
     # On a photo it never saw: the fitted map is closer to the crop-by-crop map than the averaged one.
@@ -132,7 +133,7 @@ def test_fit_and_scan_at_input_sizes_that_are_not_multiples_of_32(tiny_model, in
     model = CrackModel(module=module, meta={**tiny_model.meta, "input_size": input_size})
     rng = np.random.default_rng(input_size)
     patches = np.stack([np.asarray(concrete_patch(rng, input_size, bool(i % 2))) for i in range(20)])
-    fit = fit_dense_head(model, patches, patches, mosaics=2, val_mosaics=1, epochs=2)
+    fit = fit_dense_head(model, patches, np.arange(20), np.arange(20), mosaics=2, val_mosaics=1, epochs=2)
     k = -(-input_size // 32)
     assert fit.weight.shape == (1, 1280, k, k) and fit.agreement is not None
     attach(module, fit)

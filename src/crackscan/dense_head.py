@@ -131,11 +131,10 @@ def _agreement(features: torch.Tensor, teacher: torch.Tensor, weight: torch.Tens
 
 def fit_dense_head(
     model: CrackModel,
-    train_pixels: np.ndarray,
-    val_pixels: np.ndarray | None = None,
-    *,
-    train_rows: np.ndarray | None = None,
+    pixels: np.ndarray,
+    train_rows: np.ndarray,
     val_rows: np.ndarray | None = None,
+    *,
     mosaics: int = 60,
     val_mosaics: int = 8,
     epochs: int = 30,
@@ -149,10 +148,9 @@ def fit_dense_head(
 
     Args:
         model: The trained classifier; its base and head are not changed.
-        train_pixels: Training-split patches at the input size (N x S x S x 3 uint8) to build mosaics from.
-        val_pixels: Validation-split patches for the agreement figures (None or no rows: not measured).
-        train_rows, val_rows: Only these rows of ``train_pixels``/``val_pixels`` (all when None): a
-            dataset's pixels need not be copied out split by split.
+        pixels: Patches at the input size (N x S x S x 3 uint8), e.g. a dataset's, read in place.
+        train_rows: The rows of ``pixels`` to build the fitting mosaics from (training split).
+        val_rows: The rows for the agreement figures (validation split; None or empty: not measured).
         mosaics: At most this many fitting mosaics, one per mosaic's worth of training patches (60
             mosaics of 8 x 8 96-px patches: about a minute on 2 cores, mostly classifying their crops).
         pull: Weight of the L2 pull towards the averaged head.
@@ -161,9 +159,8 @@ def fit_dense_head(
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     start_weight, start_bias = averaged_head(model)
-    train_count = len(train_pixels) if train_rows is None else len(train_rows)
-    mosaics = mosaic_count(mosaics, train_count, model.input_size)
-    features, teacher = _features_and_teacher(model, build_mosaics(train_pixels, mosaics, rng, train_rows))
+    mosaics = mosaic_count(mosaics, len(train_rows), model.input_size)
+    features, teacher = _features_and_teacher(model, build_mosaics(pixels, mosaics, rng, train_rows))
     target = teacher.clamp(1e-4, 1 - 1e-4)
     weight, bias = start_weight.clone().requires_grad_(True), start_bias.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([weight, bias], lr=lr)
@@ -178,10 +175,9 @@ def fit_dense_head(
             optimizer.step()
     weight, bias = weight.detach(), bias.detach()
     agreement = start_agreement = None
-    val_count = 0 if val_pixels is None else len(val_pixels) if val_rows is None else len(val_rows)
-    if val_count and val_mosaics:
-        val_mosaics = mosaic_count(val_mosaics, val_count, model.input_size)
-        val_features, val_teacher = _features_and_teacher(model, build_mosaics(val_pixels, val_mosaics, rng, val_rows))
+    if val_rows is not None and len(val_rows) and val_mosaics:
+        val_mosaics = mosaic_count(val_mosaics, len(val_rows), model.input_size)
+        val_features, val_teacher = _features_and_teacher(model, build_mosaics(pixels, val_mosaics, rng, val_rows))
         agreement = _agreement(val_features, val_teacher, weight, bias, model.threshold)
         start_agreement = _agreement(val_features, val_teacher, start_weight, start_bias, model.threshold)
         say(f"dense head: map cells flagged as the crops flag them on {val_mosaics} validation mosaics: "

@@ -729,8 +729,8 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         from crackscan.dense_head import attach, fit_dense_head
 
         try:
-            fit = fit_dense_head(crack_model, dataset.pixels, dataset.pixels, train_rows=dataset.indices("train"),
-                                 val_rows=val_idx, mosaics=config.dense_mosaics, seed=config.seed, say=say)
+            fit = fit_dense_head(crack_model, dataset.pixels, dataset.indices("train"), val_idx,
+                                 mosaics=config.dense_mosaics, seed=config.seed, say=say)
         except KeyboardInterrupt:
             raise TrainingInterrupted(run_dir, trainer.saved_epochs, after_training=True) from None
         except Exception as err:  # the trained classifier is worth more than its scan head: keep it
