@@ -12,6 +12,15 @@ raw) and the crop-by-crop method, and the map is scored per tile:
 The reference is the same model classifying each tile's own file (`predict`): what the map would be
 if a scan saw the patches exactly as in training.
 
+Photo-sized verdicts: mosaics the size of a phone photo (13 x 17 tiles of 227 px: 2951 x 3859), half of
+them crack-free and half with one crack tile at a random place, scanned with scan's default. A photo's
+verdict is what an inspector reads first, and a 12-MP photo is ~1,900 map cells: a per-cell false alarm
+rate that looks small per patch flags many crack-free photos. Reported: verdicts right, crack-free photos
+flagged, crack tiles found by a region over them, regions elsewhere (beyond the cells whose patch can
+reach the crack tile), and the largest probability on crack-free photos (the margin below the
+threshold). Tile seams are straight edges between two
+surfaces that the training patches never show, so these photos are harder than plain concrete there.
+
 Real photos: both photos in ../shared/data/photos are scanned (dense); the verdicts are reported and
 the overlays written to benchmarks/results/scan-photos/. The floor photo must flag its crack, the wall
 photo (cables, a hard negative) must flag nothing.
@@ -32,6 +41,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -86,6 +96,55 @@ def build_mosaic(
     return image, labels, used
 
 
+def overlaps(box: Sequence[float], tile: tuple[int, int], margin: int = 0) -> bool:
+    """Whether a region's photo-pixel box [x0, y0, x1, y1] overlaps the tile at (row, col) grown by ``margin``."""
+    x0, y0 = tile[1] * TILE - margin, tile[0] * TILE - margin
+    x1, y1 = x0 + TILE + 2 * margin, y0 + TILE + 2 * margin
+    return box[0] < x1 and box[2] > x0 and box[1] < y1 and box[3] > y0
+
+
+def photo_verdicts(model: Any, files: dict[str, list[Path]], count: int, rng: np.random.Generator,
+                   grid: tuple[int, int] = (13, 17)) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Scan ``count`` photo-sized mosaics (scan's default), every other one with one crack tile."""
+    from crackscan.scan import scan_scaled
+
+    cols, rows = grid
+    per_photo = []
+    for index in range(count):
+        image, labels, _ = build_mosaic(files, model.crack_class, rows, cols, 0.0, rng)
+        crack = None
+        if index % 2:
+            crack = (int(rng.integers(rows)), int(rng.integers(cols)))
+            pool = files[model.crack_class]
+            with Image.open(pool[int(rng.integers(len(pool)))]) as patch:
+                image.paste(patch.convert("RGB").resize((TILE, TILE)), (crack[1] * TILE, crack[0] * TILE))
+        scale = model.input_size / TILE
+        scaled = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
+        result = scan_scaled(model, scaled, image.size, source=f"photo-mosaic-{index}")
+        on_crack = [r for r in result.regions if crack is not None and overlaps(r["box"], crack)]
+        # A region's box holds the squares its cells own (a third of a patch); a cell whose patch reaches into
+        # the crack tile may own a square up to a patch away from it: only regions beyond that are elsewhere.
+        elsewhere = [r for r in result.regions if crack is None or not overlaps(r["box"], crack, TILE)]
+        per_photo.append({
+            "crack_tile": list(crack) if crack else None, "verdict": result.label,
+            "ok": result.verdict == (crack is not None), "crack_found": bool(on_crack) if crack else None,
+            "regions_elsewhere": len(elsewhere),
+            "max_probability": round(result.max_probability, 4), "flagged_fraction": round(result.flagged_fraction, 5),
+        })
+        print(f"photo mosaic {index + 1}/{count}: {'one crack tile' if crack else 'crack-free'}, "
+              f"{result.label}, max {result.max_probability:.3f}", flush=True)
+    free = [p for p in per_photo if p["crack_tile"] is None]
+    cracked = [p for p in per_photo if p["crack_tile"] is not None]
+    summary = {
+        "photos": count, "grid": [cols, rows], "verdicts_right": sum(p["ok"] for p in per_photo),
+        "crack_free": len(free), "crack_free_flagged": sum(p["verdict"] == "crack" for p in free),
+        "crack_free_max_probability": max((p["max_probability"] for p in free), default=None),
+        "with_crack": len(cracked), "crack_found": sum(bool(p["crack_found"]) for p in cracked),
+        "regions_elsewhere": sum(p["regions_elsewhere"] for p in per_photo),
+    }
+    return summary, per_photo
+
+
 def tile_scores(result, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
     """Per tile: the best-aligned cell's probability, and the largest probability of cells centred in it."""
     centre = np.zeros((rows, cols), np.float32)
@@ -126,6 +185,8 @@ def main() -> None:
     parser.add_argument("--grid", default="8x6", help="COLSxROWS tiles per mosaic (default 8x6)")
     parser.add_argument("--crack-share", type=float, default=0.3, help="share of crack tiles (default 0.3)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--photo-mosaics", type=int, default=20,
+                        help="photo-sized mosaics for verdicts, half crack-free (default 20; 0 skips)")
     parser.add_argument("--no-crops", action="store_true", help="skip the slow crop-by-crop method")
     parser.add_argument("--quick", action="store_true", help="one 4x3 mosaic and the photos: a smoke run")
     args = parser.parse_args()
@@ -143,7 +204,7 @@ def main() -> None:
         sys.exit(f"error: {err}")
     cols, rows = (int(v) for v in args.grid.lower().split("x"))
     if args.quick:
-        args.mosaics, cols, rows = 1, 4, 3
+        args.mosaics, cols, rows, args.photo_mosaics = 1, 4, 3, 2
     files = tile_files(args.data, args.split, tuple(args.blocks))
     rng = np.random.default_rng(args.seed)
     # "dense" is scan's default (the dense head's map); "dense-verify-256" with its borders verified by crops;
@@ -186,6 +247,8 @@ def main() -> None:
                                     same_as_crops=None if crops is None else round(float((flagged == crops).mean()), 4),
                                     seconds_per_mosaic=round(float(np.mean(per_method[method]["seconds"])), 3)))
 
+    verdicts, verdict_photos = photo_verdicts(model, files, args.photo_mosaics, rng) if args.photo_mosaics else ({}, [])
+
     photos = []
     if PHOTOS.is_dir():
         summary = scan_paths(model, sorted(PHOTOS.glob("*.jpg")), RESULTS / "scan-photos", quiet=True)
@@ -204,6 +267,11 @@ def main() -> None:
         print(f"{row['map']:<40}{row['accuracy']:>9.3f}{row['recall']:>8.3f}{row['specificity']:>8.3f}"
               f"{row['tiles']:>7}{'' if row.get('same_as_crops') is None else row['same_as_crops']:>9}"
               f"{row.get('seconds_per_mosaic', ''):>9}")
+    if verdicts:
+        print(f"photo-sized mosaics ({verdicts['grid'][0]}x{verdicts['grid'][1]} tiles): {verdicts['verdicts_right']} of "
+              f"{verdicts['photos']} verdicts right; crack-free flagged {verdicts['crack_free_flagged']} of "
+              f"{verdicts['crack_free']} (largest probability {verdicts['crack_free_max_probability']}); crack tile found "
+              f"{verdicts['crack_found']} of {verdicts['with_crack']}; regions elsewhere {verdicts['regions_elsewhere']}")
     for photo in photos:
         print(f"photo {photo['photo']}: {photo['verdict']} (expected {photo['expected']}) max {photo['max_probability']}, "
               f"{photo['regions']} region(s), {100 * photo['flagged_fraction']:.1f}% flagged")
@@ -217,6 +285,8 @@ def main() -> None:
         "mosaics": args.mosaics,
         "crack_share": args.crack_share,
         "rows": report_rows,
+        "photo_verdicts": verdicts,
+        "photo_verdict_mosaics": verdict_photos,
         "photos": photos,
         "overlays": str(RESULTS / "scan-photos"),
     }
