@@ -548,3 +548,18 @@ def test_verify_with_the_crop_method_is_refused(tiny_model_path, tmp_path, capsy
     assert main(["scan", str(tiny_model_path), str(path), "--method", "crops", "--verify", "10",
                  "--out", str(tmp_path / "out")]) == 2
     assert "--verify" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_cli_scans_at_the_training_scale_unless_told(tiny_model_path, tmp_path, capsys):
+    from crackscan.cli import main
+    from crackscan.scan import PATCH_SIZE
+
+    path = _save(tmp_path / "p.png", (500, 400))
+    for extra, expected in (([], PATCH_SIZE), (["--patch-size", "113"], 113)):
+        out = tmp_path / f"out{expected}"
+        assert main(["scan", str(tiny_model_path), str(path), "--out", str(out), "--quiet", *extra]) == 0
+        assert json.loads((out / "p.json").read_text())["patch_size"] == expected
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["scan", "--help"])
+    assert f"training scale, {PATCH_SIZE} px" in " ".join(capsys.readouterr().out.split())  # the help names it

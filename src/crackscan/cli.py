@@ -19,8 +19,6 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from crackscan.scan import PATCH_SIZE
-
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 DISCLAIMER = "crackscan is a decision aid: it does not replace a professional structural assessment."
@@ -134,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", metavar="PATH", help="[MODEL] then photos, folders or glob patterns")
     s.add_argument("--model", help="model file or run folder (default: the shipped model)")
     s.add_argument("--out", default="scans", help="output folder (default: scans)")
-    s.add_argument("--patch-size", type=_positive_int, default=PATCH_SIZE,
-                   help=f"side of one classified patch in photo pixels (default {PATCH_SIZE}, the training scale)")
+    s.add_argument("--patch-size", type=_positive_int,
+                   help="side of one classified patch in photo pixels (default: the training scale, 227 px, "
+                        "the dataset's patches in its 4032x3024 photos)")
     s.add_argument("--stride", type=_positive_int,
                    help="map step in photo pixels, rounded to a whole number of network cells (32 network px: "
                         "about 76 photo px for the shipped model at --patch-size 227, the default and finest step)")
@@ -311,13 +310,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     from crackscan.model import load_model
-    from crackscan.scan import scan_paths
+    from crackscan.scan import PATCH_SIZE, scan_paths
 
     if args.verify is not None and args.method == "crops":
         raise ValueError("--verify re-classifies a dense map's borders: it does not apply to --method crops")
     model_arg, items = _split_model(args.paths, args.model)
     model = load_model(model_arg)
-    summary = scan_paths(model, _image_paths(items), _output_folder(args.out), patch_size=args.patch_size,
+    summary = scan_paths(model, _image_paths(items), _output_folder(args.out),
+                         patch_size=PATCH_SIZE if args.patch_size is None else args.patch_size,
                          stride=args.stride, threshold=args.threshold, method=args.method,
                          **({} if args.verify is None else {"verify": args.verify}),
                          map_kind=args.map_kind, quiet=args.quiet, backend=args.backend)
@@ -332,7 +332,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from crackscan.explain import explain_image
     from crackscan.images import ImageError
     from crackscan.model import load_model
-    from crackscan.scan import unique_stem
+    from crackscan.scan import PATCH_SIZE, unique_stem
 
     model_arg, items = _split_model(args.paths, args.model)
     model = load_model(model_arg)
