@@ -25,6 +25,7 @@ from crackscan.predict import expand_paths
 from crackscan.scan import (
     _WHOLE_PASS,
     ScanResult,
+    heat_colours,
     cell_logits,
     dense_logits,
     decode_scaled,
@@ -478,6 +479,59 @@ def test_overlay_tints_flagged_cells_only(tiny_model, tmp_path):
     heat[60:, 100:] = 1.0
     with_heat = np.asarray(render_overlay(photo, result, heatmap=heat, max_side=600), dtype=np.int32)
     assert np.abs(with_heat[330:395, 530:595] - 128).max() > 40
+
+
+def test_overlay_colours_each_cell_by_its_own_probability(tiny_model):
+    # A textured photo and a map whose every cell differs: each flagged cell's square is the photo half
+    # covered by its probability's colour; unflagged squares are the photo itself.
+    rng = np.random.default_rng(3)
+    photo = Image.fromarray(rng.integers(0, 256, (700, 900, 3), dtype=np.uint8))
+    result = scan_scaled(tiny_model, photo, photo.size, patch_size=200)
+    probability = rng.random(result.map_shape).astype(np.float32)
+    result = ScanResult(**{**result.__dict__, "probability": probability, "regions": []})
+    result.threshold = 0.5
+    overlay = np.asarray(render_overlay(photo, result, max_side=900), dtype=np.float64)[:700]
+    original = np.asarray(photo, dtype=np.float64)
+    xs, ys = result.cell_edges()
+    for i in range(result.map_shape[0]):
+        for j in range(result.map_shape[1]):
+            if ys[i + 1] - ys[i] < 1 or xs[j + 1] - xs[j] < 1:
+                continue  # a cell whose square lies outside the photo
+            y, x = int((ys[i] + ys[i + 1]) / 2), int((xs[j] + xs[j + 1]) / 2)
+            opacity = 128 / 255 if probability[i, j] >= 0.5 else 0.0
+            colour = heat_colours(probability[i, j]).astype(np.float64)
+            expected = original[y, x] * (1 - opacity) + colour * opacity
+            assert np.abs(overlay[y, x] - expected).max() <= 1.5, (i, j, probability[i, j])
+
+
+def test_gradcam_overlay_blends_the_heat_map_by_its_value(tiny_model):
+    photo = Image.new("RGB", (400, 300), (100, 100, 100))
+    result = scan_scaled(tiny_model, photo, photo.size, patch_size=100)
+    result = ScanResult(**{**result.__dict__, "regions": []})  # no outlines over the pixels read below
+    heat = np.tile(np.linspace(0, 1, 400, dtype=np.float32), (300, 1))  # left 0 to right 1
+    overlay = np.asarray(render_overlay(photo, result, heatmap=heat, max_side=400), dtype=np.float64)
+    for x in (0, 100, 250, 399):
+        value = heat[150, x]
+        expected = 100 * (1 - 0.65 * value) + heat_colours(value).astype(np.float64) * 0.65 * value
+        assert np.abs(overlay[150, x] - expected).max() <= 2.5, (x, value)
+
+
+@pytest.mark.parametrize(("patch_size", "photo_width"), [(227, 2000), (900, 2048)])
+def test_a_batch_overlay_is_sharp_and_decodes_again_only_when_it_must(tiny_model, tmp_path, patch_size, photo_width):
+    # A 4000x3000 JPEG: at the default patch size the scan's own half-size draft (2000 px) serves the
+    # overlay; at 900 px a patch the scan reads an eighth-size draft (500 px), so the overlay is decoded
+    # again at its full 2048 px.
+    rng = np.random.default_rng(0)
+    small = rng.integers(90, 170, (300, 400, 3), dtype=np.uint8)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(small).resize((4000, 3000), Image.Resampling.BILINEAR).save(path, quality=90)
+    summary = scan_paths(tiny_model, [path], tmp_path / "out", patch_size=patch_size, threshold=1.0, quiet=True)
+    assert not summary.errors
+    with Image.open(tmp_path / "out" / "big.overlay.jpg") as overlay:
+        assert overlay.width == photo_width
+        photo_part = np.asarray(overlay.convert("RGB"))[: overlay.width * 3 // 4].astype(np.int32)
+    reference = np.asarray(Image.open(path).convert("RGB").resize((photo_width, photo_width * 3 // 4)), np.int32)
+    assert np.abs(photo_part - reference).mean() < 4  # the photo itself, not a blurred enlargement
 
 
 def test_overlay_of_a_tiny_image_is_enlarged_for_its_legend(tiny_model):

@@ -249,6 +249,13 @@ def decode_scaled(
     Raises:
         ImageError: Unreadable, too large, or so small a patch size that the scaled photo would be too large.
     """
+    _, scaled, size = _decode(source, scale, max_pixels)
+    return scaled, size
+
+
+def _decode(source: ImageSource, scale: float, max_pixels: int = MAX_PIXELS
+            ) -> tuple[Image.Image, Image.Image, tuple[int, int]]:
+    """:func:`decode_scaled`, plus the decoded image before its resize (for an overlay sharper than the scan)."""
     name = describe(source)
     data = read_source(source, name)
     size = oriented_size(data)
@@ -259,14 +266,15 @@ def decode_scaled(
             raise ImageError(name, f"refused: at this patch size the {size[0]}x{size[1]} photo would be scanned "
                                    f"at {target[0]}x{target[1]} pixels; use a larger --patch-size")
     # The DCT draft only ever shrinks, and only by 1/2, 1/4 or 1/8 while still covering the target.
-    image = load_image(data, reduce_to=target if scale < 1 else None, max_pixels=max_pixels, name=name)
+    decoded = load_image(data, reduce_to=target if scale < 1 else None, max_pixels=max_pixels, name=name)
     if size is None or target is None:
-        size = image.size
+        size = decoded.size
         target = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
-    if image.size != target:
+    scaled = decoded
+    if decoded.size != target:
         # Bilinear with antialiasing, as load_patch resizes the training patches.
-        image = image.resize(target, Image.Resampling.BILINEAR, reducing_gap=None)
-    return image, size
+        scaled = decoded.resize(target, Image.Resampling.BILINEAR, reducing_gap=None)
+    return decoded, scaled, size
 
 
 # ----------------------------------------------------------------------------------------------- the map
@@ -763,19 +771,23 @@ def render_overlay(
     """
     base = _fit(photo, max_side)
     width, height = base.size
-    pixels = np.asarray(base, dtype=np.float32)
-    xs, ys = result.cell_edges()
     if heatmap is None:
+        # Colour and opacity per map cell, then spread to the pixels each cell owns: a few thousand cells
+        # are coloured instead of millions of pixels.
+        xs, ys = result.cell_edges()
         cols = _cell_index(xs, width, result.photo_size[0])
         rows = _cell_index(ys, height, result.photo_size[1])
-        values = result.probability[rows[:, None], cols[None, :]]
-        alpha = np.where(values >= result.threshold, 0.5, 0.0)[..., None]
+        opacity = np.where(result.probability >= result.threshold, 128, 0).astype(np.uint8)  # half
+        colour = heat_colours(result.probability)[rows][:, cols]
+        mask = opacity[rows][:, cols]
     else:
         heat = Image.fromarray(np.clip(np.asarray(heatmap, np.float32), 0, 1), mode="F")
         values = np.asarray(heat.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
-        alpha = (0.65 * np.clip(values, 0, 1))[..., None]
-    blended = pixels * (1 - alpha) + heat_colours(values).astype(np.float32) * alpha
-    image = Image.fromarray((blended + 0.5).astype(np.uint8), "RGB")
+        levels = np.rint(np.clip(values, 0, 1) * 255).astype(np.uint8)  # 256 colour steps: no banding to see
+        colour = heat_colours(np.linspace(0.0, 1.0, 256))[levels]
+        mask = np.rint(levels * 0.65).astype(np.uint8)  # opacity 0.65 at probability 1
+    # composite: colour where the mask is 255, the photo where it is 0, linear between.
+    image = Image.composite(Image.fromarray(colour, "RGB"), base, Image.fromarray(mask, "L"))
 
     draw = ImageDraw.Draw(image)
     fx, fy = width / result.photo_size[0], height / result.photo_size[1]
@@ -864,13 +876,17 @@ SHEET_THUMB = 360
 OVERLAY_SIDE = 2048
 
 
-def _overlay_photo(path: Path, scaled: Image.Image, photo_size: tuple[int, int]) -> Image.Image:
-    """The scaled photo when it is sharp enough for the overlay, else the photo decoded again for it."""
+def _overlay_photo(path: Path, decoded: Image.Image, photo_size: tuple[int, int]) -> Image.Image:
+    """The overlay's photo, at most :data:`OVERLAY_SIDE` a side: the photo as decoded for the scan when that
+    is sharp enough (at least 3/4 of the side: a 4032x3024 JPEG's half-size draft, 2016 px, is), else the
+    photo decoded again for it."""
     wanted = min(OVERLAY_SIDE, max(photo_size))
-    if max(scaled.size) >= wanted:
-        return scaled
-    factor = wanted / max(photo_size)
-    return load_image(path, reduce_to=(round(photo_size[0] * factor), round(photo_size[1] * factor)))
+    if max(decoded.size) < 0.75 * wanted:
+        factor = wanted / max(photo_size)
+        decoded = load_image(path, reduce_to=(round(photo_size[0] * factor), round(photo_size[1] * factor)))
+    return _fit(decoded, OVERLAY_SIDE)
+
+
 SUMMARY_FIELDS = ["file", "verdict", "flagged_fraction", "n_regions", "max_probability", "seconds", "overlay", "error"]
 
 
@@ -935,17 +951,22 @@ def scan_paths(
         path = Path(path)
         started = time.perf_counter()
         try:
-            scaled, photo_size = decode_scaled(path, model.input_size / patch_size)
+            decoded, scaled, photo_size = _decode(path, model.input_size / patch_size)
+            decode_seconds = time.perf_counter() - started
+            # Made before the scan, so that a full-size decode (a PNG) is not held while the scan runs.
+            photo = _overlay_photo(path, decoded, photo_size)
+            del decoded
+            started = time.perf_counter()
             result = scan_scaled(model, scaled, photo_size, patch_size=patch_size, stride=stride,
                                  threshold=threshold, method=method, verify=verify, source=str(path),
                                  backend=backend)
-            result.seconds = time.perf_counter() - started
+            result.seconds = decode_seconds + time.perf_counter() - started  # decoding plus scanning, as documented
             heat = None
             if map_kind == "gradcam":
                 from crackscan.explain import gradcam_map_for_photo
 
                 heat = gradcam_map_for_photo(model, scaled, result)
-            overlay = render_overlay(_overlay_photo(path, scaled, photo_size), result, heatmap=heat)
+            overlay = render_overlay(photo, result, heatmap=heat)
         except ImageError as err:
             message = str(err)
         except (OSError, ValueError, RuntimeError) as err:  # e.g. a decoder bug: name the file, go on
