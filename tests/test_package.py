@@ -45,3 +45,14 @@ def test_every_public_name_resolves_and_unknown_names_fail():
         assert name in dir(crackscan)
     with pytest.raises(AttributeError, match="no_such_thing"):
         crackscan.no_such_thing  # noqa: B018
+
+
+def test_choosing_the_backend_looks_for_onnx_without_importing_it():
+    # onnx is needed only to export a graph the first time; importing it costs every command ~0.25 s.
+    run = _python("import sys\n"
+                  "from crackscan.model import resolve_backend\n"
+                  "chosen, imported = resolve_backend('auto'), 'onnx' in sys.modules\n"
+                  "sys.modules['onnx'] = None  # as if it were not installed\n"
+                  "print(chosen, imported, resolve_backend('auto'), resolve_backend('onnx'))")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["onnx", "False", "torch", "onnx"]
