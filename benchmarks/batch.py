@@ -14,7 +14,8 @@ The folder holds --photos copies (links) of the two real photos in ../shared/dat
 else of a generated 4032x3024 JPEG.
 
     python benchmarks/batch.py                 # 8 photos
-    python benchmarks/batch.py --photos 4 --quick
+    python benchmarks/batch.py --photos 4
+    python benchmarks/batch.py --quick         # smoke run: 2 photos
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ def photo_folder(folder: Path, count: int) -> list[Path]:
     """``count`` links to the real photos (alternating), or to one generated 12-MP JPEG."""
     sources = sorted(PHOTOS.glob("*.jpg")) if PHOTOS.is_dir() else []
     if not sources:
-        sys.path.insert(0, str(HERE))
-        from scan import generated_photo
+        from scan import generated_photo  # benchmarks/scan.py (this folder is on sys.path)
 
         sources = [generated_photo(folder / "generated.jpg", 4032, 3024)]
     paths = []
@@ -73,6 +73,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = photo_folder(tmp, count)
+        names = sorted({path.resolve().name for path in paths})
         scan_paths(model, paths[:1], tmp / "warm-up", quiet=True)  # sessions, buffers, lazy imports
 
         started = time.perf_counter()
@@ -97,9 +98,9 @@ def main() -> None:
                      "seconds": round(one, 2), "vs_scan_only": round(one / reference, 2)})
         rows.append({"case": "crackscan --help (fresh process)", "seconds": round(command(["--help"]), 2)})
 
-    print(f"\nmodel: {model.path}; {count} photos, 12 MP each")
+    print(f"\nmodel: {model.path}; {count} photos, links to {', '.join(names)}")
     print_table(rows, ["case", "seconds_per_photo", "seconds", "vs_scan_only"])
-    write_results("batch_quick" if args.quick else "batch", rows, {"photos": count})
+    write_results("batch_quick" if args.quick else "batch", rows, {"photos": count, "photo_files": names})
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def photo_verdicts(model: Any, files: dict[str, list[Path]], count: int, rng: np
     cols, rows = grid
     per_photo = []
     for index in range(count):
-        image, labels, _ = build_mosaic(files, model.crack_class, rows, cols, 0.0, rng)
+        image, _, _ = build_mosaic(files, model.crack_class, rows, cols, 0.0, rng)
         crack = None
         if index % 2:
             crack = (int(rng.integers(rows)), int(rng.integers(cols)))

@@ -40,6 +40,7 @@ def test_public_names_load_on_first_use():
 
 
 def test_every_public_name_resolves_and_unknown_names_fail():
+    assert set(crackscan._EXPORTS) == set(crackscan.__all__) - {"__version__"}  # one list of names
     for name in crackscan.__all__:
         assert getattr(crackscan, name) is not None
         assert name in dir(crackscan)

@@ -8,8 +8,8 @@ The names below are imported on first use (PEP 562), so that ``import crackscan.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+import typing as _typing
 
 __version__ = "0.1.0"
 
@@ -24,18 +24,18 @@ _EXPORTS = {
 
 __all__ = ["CrackModel", "ImageError", "ModelError", "Prediction", "__version__", "load_image", "load_model"]
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from crackscan.images import ImageError, load_image
     from crackscan.model import CrackModel, ModelError, Prediction, load_model
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'crackscan' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    value = getattr(_importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value  # later lookups skip this function
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(__all__) | {name for name in globals() if name.startswith("__")})

@@ -8,8 +8,8 @@ package versions. :func:`load_model` reads it for every consumer; nothing is unp
 
 from __future__ import annotations
 
-import json
 import importlib.util
+import json
 import os
 import pickle
 import platform

@@ -745,7 +745,7 @@ def _fit(image: Image.Image, max_side: int) -> Image.Image:
         return image.convert("RGB").resize(size, Image.Resampling.NEAREST)
     factor = max_side / longest
     if factor >= 1:
-        return image.convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")
     size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
     return image.convert("RGB").resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
 
@@ -877,9 +877,8 @@ OVERLAY_SIDE = 2048
 
 
 def _overlay_photo(path: Path, decoded: Image.Image, photo_size: tuple[int, int]) -> Image.Image:
-    """The overlay's photo, at most :data:`OVERLAY_SIDE` a side: the photo as decoded for the scan when that
-    is sharp enough (at least 3/4 of the side: a 4032x3024 JPEG's half-size draft, 2016 px, is), else the
-    photo decoded again for it."""
+    """The overlay's photo: the scan's own decode when sharp enough, else the photo decoded again for it."""
+    # Sharp enough: 3/4 of the overlay's side, so a 4032x3024 JPEG's half-size draft (2016 px) serves.
     wanted = min(OVERLAY_SIDE, max(photo_size))
     if max(decoded.size) < 0.75 * wanted:
         factor = wanted / max(photo_size)
@@ -956,11 +955,11 @@ def scan_paths(
             # Made before the scan, so that a full-size decode (a PNG) is not held while the scan runs.
             photo = _overlay_photo(path, decoded, photo_size)
             del decoded
-            started = time.perf_counter()
+            scan_started = time.perf_counter()
             result = scan_scaled(model, scaled, photo_size, patch_size=patch_size, stride=stride,
                                  threshold=threshold, method=method, verify=verify, source=str(path),
                                  backend=backend)
-            result.seconds = decode_seconds + time.perf_counter() - started  # decoding plus scanning, as documented
+            result.seconds = decode_seconds + time.perf_counter() - scan_started  # decoding plus scanning
             heat = None
             if map_kind == "gradcam":
                 from crackscan.explain import gradcam_map_for_photo
