@@ -18,8 +18,8 @@ verdict is what an inspector reads first, and a 12-MP photo is ~1,900 map cells:
 rate that looks small per patch flags many crack-free photos. Reported: verdicts right, crack-free photos
 flagged, crack tiles found by a region over them, regions elsewhere (beyond the cells whose patch can
 reach the crack tile), and the largest probability on crack-free photos (the margin below the
-threshold). Tile seams are straight edges between two
-surfaces that the training patches never show, so these photos are harder than plain concrete there.
+threshold). Tile seams are straight edges between two surfaces that the training patches never show, so
+these photos are harder than plain concrete there.
 
 Real photos: both photos in ../shared/data/photos are scanned (dense); the verdicts are reported and
 the overlays written to benchmarks/results/scan-photos/. The floor photo must flag its crack, the wall
@@ -76,6 +76,18 @@ def tile_files(data: Path, split: Path | None, blocks: tuple[int, ...]) -> dict[
     return chosen
 
 
+def paste_tile(image: Image.Image, path: Path, row: int, col: int) -> None:
+    """Lay one patch file on the mosaic's tile (row, col)."""
+    with Image.open(path) as patch:
+        image.paste(patch.convert("RGB").resize((TILE, TILE)), (col * TILE, row * TILE))
+
+
+def at_network_scale(image: Image.Image, model: Any) -> Image.Image:
+    """A mosaic as scan sees it: one 227-px tile to one patch at the model's input size."""
+    scale = model.input_size / TILE
+    return image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
+
+
 def build_mosaic(
     files: dict[str, list[Path]], crack_class: str, rows: int, cols: int, crack_share: float,
     rng: np.random.Generator,
@@ -90,8 +102,7 @@ def build_mosaic(
         for j in range(cols):
             pool = files[crack_class] if labels[i, j] else files[other]
             path = pool[int(rng.integers(len(pool)))]
-            with Image.open(path) as patch:
-                image.paste(patch.convert("RGB").resize((TILE, TILE)), (j * TILE, i * TILE))
+            paste_tile(image, path, i, j)
             used[i].append(path)
     return image, labels, used
 
@@ -116,11 +127,8 @@ def photo_verdicts(model: Any, files: dict[str, list[Path]], count: int, rng: np
         if index % 2:
             crack = (int(rng.integers(rows)), int(rng.integers(cols)))
             pool = files[model.crack_class]
-            with Image.open(pool[int(rng.integers(len(pool)))]) as patch:
-                image.paste(patch.convert("RGB").resize((TILE, TILE)), (crack[1] * TILE, crack[0] * TILE))
-        scale = model.input_size / TILE
-        scaled = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
-        result = scan_scaled(model, scaled, image.size, source=f"photo-mosaic-{index}")
+            paste_tile(image, pool[int(rng.integers(len(pool)))], *crack)
+        result = scan_scaled(model, at_network_scale(image, model), image.size, source=f"photo-mosaic-{index}")
         on_crack = [r for r in result.regions if crack is not None and overlaps(r["box"], crack)]
         # A region's box holds the squares its cells own (a third of a patch); a cell whose patch reaches into
         # the crack tile may own a square up to a patch away from it: only regions beyond that are elsewhere.
@@ -223,8 +231,7 @@ def main() -> None:
         reference = np.array([p.is_crack for p in model.predict(flat, backend="torch")]).reshape(rows, cols)
         labels_all.append(labels)
         reference_all.append(reference)
-        scale = model.input_size / TILE
-        scaled = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
+        scaled = at_network_scale(image, model)
         for method in methods:
             started = time.perf_counter()
             result = scan_scaled(models[method], scaled, image.size, source=f"mosaic-{index}", **scan_options(method))
