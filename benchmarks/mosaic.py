@@ -18,7 +18,9 @@ verdict is what an inspector reads first, and a 12-MP photo is ~1,900 map cells:
 rate that looks small per patch flags many crack-free photos. Reported: verdicts right, crack-free photos
 flagged, crack tiles found by a region over them, regions elsewhere (beyond the cells whose patch can
 reach the crack tile), and the largest probability on crack-free photos (the margin below the
-threshold). Tile seams are straight edges between two surfaces that the training patches never show, so
+threshold); then the same maps judged at other verdict thresholds (``SWEEP``): crack-free photos flagged
+and crack tiles found at each. To look at such a choice without touching the test split, run it on the
+validation rows (``--part val``). Tile seams are straight edges between two surfaces that the training patches never show, so
 these photos are harder than plain concrete there.
 
 Real photos: both photos in ../shared/data/photos are scanned (dense); the verdicts are reported and
@@ -30,6 +32,7 @@ without it, from blocks 18-20 of each class in blocks.csv.
 
     python benchmarks/mosaic.py --model RUN/model.safetensors
     python benchmarks/mosaic.py --split RUN/split.csv --mosaics 8 --grid 8x6
+    python benchmarks/mosaic.py --split RUN/split.csv --part val --photo-mosaics 120 --mosaics 1 --no-crops
     python benchmarks/mosaic.py --quick          # one small mosaic, < 60 s
 """
 
@@ -55,15 +58,17 @@ DATA = SHARED / "data" / "mendeley-dev"
 PHOTOS = SHARED / "data" / "photos"
 RESULTS = HERE / "results"
 TILE = 227
+#: Verdict thresholds the photo-sized mosaics are also judged at (the model's own is reported first).
+SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
-def tile_files(data: Path, split: Path | None, blocks: tuple[int, ...]) -> dict[str, list[Path]]:
+def tile_files(data: Path, split: Path | None, blocks: tuple[int, ...], part: str = "test") -> dict[str, list[Path]]:
     """Held-out patch files per class name."""
     chosen: dict[str, list[Path]] = {}
     if split is not None:
         with open(split, newline="") as handle:
             for row in csv.DictReader(handle):
-                if row["split"] == "test":
+                if row["split"] == part:
                     path = Path(row["file"])
                     chosen.setdefault(row["class"], []).append(path if path.is_absolute() else data / path)
     else:
@@ -129,6 +134,7 @@ def photo_verdicts(model: Any, files: dict[str, list[Path]], count: int, rng: np
             pool = files[model.crack_class]
             paste_tile(image, pool[int(rng.integers(len(pool)))], *crack)
         result = scan_scaled(model, at_network_scale(image, model), image.size, source=f"photo-mosaic-{index}")
+        at = {t: result.with_threshold(t) for t in SWEEP}
         on_crack = [r for r in result.regions if crack is not None and overlaps(r["box"], crack)]
         # A region's box holds the squares its cells own (a third of a patch); a cell whose patch reaches into
         # the crack tile may own a square up to a patch away from it: only regions beyond that are elsewhere.
@@ -138,6 +144,10 @@ def photo_verdicts(model: Any, files: dict[str, list[Path]], count: int, rng: np
             "ok": result.verdict == (crack is not None), "crack_found": bool(on_crack) if crack else None,
             "regions_elsewhere": len(elsewhere),
             "max_probability": round(result.max_probability, 4), "flagged_fraction": round(result.flagged_fraction, 5),
+            # The same map judged at other verdict thresholds: flagged at all, and the crack tile found.
+            "sweep": {str(t): {"flagged": judged.verdict,
+                               "crack_found": any(overlaps(r["box"], crack) for r in judged.regions) if crack else None}
+                      for t, judged in at.items()},
         })
         print(f"photo mosaic {index + 1}/{count}: {'one crack tile' if crack else 'crack-free'}, "
               f"{result.label}, max {result.max_probability:.3f}", flush=True)
@@ -149,6 +159,8 @@ def photo_verdicts(model: Any, files: dict[str, list[Path]], count: int, rng: np
         "crack_free_max_probability": max((p["max_probability"] for p in free), default=None),
         "with_crack": len(cracked), "crack_found": sum(bool(p["crack_found"]) for p in cracked),
         "regions_elsewhere": sum(p["regions_elsewhere"] for p in per_photo),
+        "sweep": [{"threshold": t, "crack_free_flagged": sum(p["sweep"][str(t)]["flagged"] for p in free),
+                   "crack_found": sum(bool(p["sweep"][str(t)]["crack_found"]) for p in cracked)} for t in SWEEP],
     }
     return summary, per_photo
 
@@ -188,6 +200,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="model file or run folder (default: the shipped model)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--split", type=Path, help="RUN/split.csv: use its test rows")
+    parser.add_argument("--part", default="test", choices=["test", "val"],
+                        help="with --split: the rows to use (default test; val to look at choices such as a threshold)")
     parser.add_argument("--blocks", type=int, nargs="+", default=[18, 19, 20], help="blocks.csv blocks (default 18 19 20)")
     parser.add_argument("--mosaics", type=int, default=4)
     parser.add_argument("--grid", default="8x6", help="COLSxROWS tiles per mosaic (default 8x6)")
@@ -213,7 +227,7 @@ def main() -> None:
     cols, rows = (int(v) for v in args.grid.lower().split("x"))
     if args.quick:
         args.mosaics, cols, rows, args.photo_mosaics = 1, 4, 3, 2
-    files = tile_files(args.data, args.split, tuple(args.blocks))
+    files = tile_files(args.data, args.split, tuple(args.blocks), args.part)
     rng = np.random.default_rng(args.seed)
     # "dense" is scan's default (the dense head's map); "dense-verify-256" with its borders verified by crops;
     # "averaged-..." without the dense head (the classifier's head averaged over each patch's cells),
@@ -268,7 +282,7 @@ def main() -> None:
                            "seconds": round(result.seconds, 3)})
 
     print(f"\nmodel: {model.path}  threshold {model.threshold:.3f}  tiles from "
-          f"{args.split or 'blocks ' + ' '.join(map(str, args.blocks))}")
+          f"{f'{args.split} ({args.part} rows)' if args.split else 'blocks ' + ' '.join(map(str, args.blocks))}")
     print(f"{'map':<40}{'accuracy':>9}{'recall':>8}{'specif.':>8}{'tiles':>7}{'as crops':>9}{'s/mosaic':>9}")
     for row in report_rows:
         print(f"{row['map']:<40}{row['accuracy']:>9.3f}{row['recall']:>8.3f}{row['specificity']:>8.3f}"
@@ -279,6 +293,8 @@ def main() -> None:
               f"{verdicts['photos']} verdicts right; crack-free flagged {verdicts['crack_free_flagged']} of "
               f"{verdicts['crack_free']} (largest probability {verdicts['crack_free_max_probability']}); crack tile found "
               f"{verdicts['crack_found']} of {verdicts['with_crack']}; regions elsewhere {verdicts['regions_elsewhere']}")
+        print("  at other verdict thresholds: " + "; ".join(
+            f"{row['threshold']}: {row['crack_free_flagged']} flagged, {row['crack_found']} found" for row in verdicts["sweep"]))
     for photo in photos:
         print(f"photo {photo['photo']}: {photo['verdict']} (expected {photo['expected']}) max {photo['max_probability']}, "
               f"{photo['regions']} region(s), {100 * photo['flagged_fraction']:.1f}% flagged")
@@ -287,7 +303,7 @@ def main() -> None:
         "quick": args.quick,
         "model": model.path,
         "threshold": model.threshold,
-        "tiles_from": str(args.split) if args.split else {"blocks": args.blocks},
+        "tiles_from": {"split": str(args.split), "part": args.part} if args.split else {"blocks": args.blocks},
         "grid": [cols, rows],
         "mosaics": args.mosaics,
         "crack_share": args.crack_share,
@@ -297,7 +313,7 @@ def main() -> None:
         "photos": photos,
         "overlays": str(RESULTS / "scan-photos"),
     }
-    out = RESULTS / ("mosaic-quick.json" if args.quick else "mosaic.json")
+    out = RESULTS / ("mosaic-quick.json" if args.quick else "mosaic.json" if args.part == "test" else f"mosaic_{args.part}.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"results: {out}")
 
