@@ -74,6 +74,13 @@ def test_checkpoint_round_trip_and_metadata(trained_run, tiny_dataset):
     # The run ends by fitting the scan's dense head (2 x 2 cells for 64-px patches), saved with the model.
     assert tuple(model.module.dense_head.weight.shape) == (1, 1280, 2, 2)
     assert meta["dense_head"]["kernel"] == 2 and meta["dense_head"]["mosaics"] >= 2
+    # Then it chooses the scan's verdict threshold on photo-sized mosaics, two per validation crack patch here.
+    with open(trained_run / "split.csv") as handle:
+        val_cracks = sum(1 for r in csv.DictReader(handle) if r["split"] == "val" and r["file"].startswith("Positive"))
+    calibration = meta["scan_calibration"]
+    assert calibration["photos"] == 2 * val_cracks and calibration["with_crack"] == val_cracks
+    assert meta["threshold"] <= meta["scan_threshold"] == model.scan_threshold < 1
+    assert "validation split" in meta["scan_threshold_source"]
 
 
 def test_evaluate_reuses_the_split(trained_run, tiny_dataset, tmp_path, capsys):
@@ -101,6 +108,19 @@ def test_target_recall_is_stored_and_used(trained_run, tiny_dataset, tmp_path):
     assert metrics["threshold"] == pytest.approx(meta["threshold"])
 
 
+def test_scan_threshold_chosen_by_evaluate_is_stored(trained_run, tiny_dataset, tmp_path, capsys):
+    model_file = tmp_path / "m.safetensors"
+    model_file.write_bytes((trained_run / "model.safetensors").read_bytes())
+    args = ["evaluate", str(model_file), str(tiny_dataset), "--out", str(tmp_path / "ev"), "--scan-mosaics", "4"]
+    assert main(args) == 2
+    assert "--scan-mosaics needs --split" in capsys.readouterr().err
+    assert main(args + ["--split", str(trained_run / "split.csv")]) == 0
+    assert "scan threshold" in capsys.readouterr().out
+    meta = read_meta(model_file)
+    assert meta["scan_calibration"]["photos"] == 4 and "split.csv" in meta["scan_threshold_source"]
+    assert meta["scan_threshold"] >= meta["threshold"]
+
+
 def test_offline_without_weights_file_is_a_clear_error(tiny_dataset, tmp_path, capsys, monkeypatch):
     # Point torch's cache at an empty folder: the real download path runs and fails on this offline machine.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -119,7 +139,7 @@ def test_cli_defaults_match_the_library_defaults():
     lib = TrainConfig(data="DATA")
     for name in ("input_size", "batch_size", "head_epochs", "finetune_epochs", "head_lr", "finetune_lr",
                  "unfreeze_from", "batchnorm", "views", "patience", "val_fraction", "test_fraction", "seed",
-                 "run_length", "weights", "hard_negatives", "dense_mosaics"):
+                 "run_length", "weights", "hard_negatives", "dense_mosaics", "scan_mosaics"):
         assert getattr(args, name) == getattr(lib, name), name
     assert (args.crop_scale, args.jitter) == (lib.augment.crop_scale, lib.augment.jitter)
 

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dense-mosaics", type=_non_negative_int, default=60, metavar="N",
                    help="fit the whole-photo scan's dense head on up to N mosaics of training patches after training "
                         "(default 60, about a minute; 0: none, scan averages the classifier's head)")
+    t.add_argument("--scan-mosaics", type=_non_negative_int, default=200, metavar="N",
+                   help="choose the scan's verdict threshold on up to N photo-sized mosaics of validation patches "
+                        "(default 200, about a minute; 0: scans judge their maps at the patch threshold)")
     t.add_argument("--no-augment", action="store_true", help="train without augmentation")
     t.add_argument("--no-flips", action="store_true")
     t.add_argument("--no-rot90", action="store_true")
@@ -115,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--subset", default="test", choices=("train", "val", "test"), help="rows of --split to score")
     e.add_argument("--target-recall", type=_probability,
                    help="pick the threshold reaching this recall on --split's validation rows; saved in the model")
+    e.add_argument("--scan-mosaics", type=_non_negative_int, default=0, metavar="N",
+                   help="choose the scan's verdict threshold on up to N photo-sized mosaics of --split's validation "
+                        "rows (200 as in training); saved in the model")
     e.add_argument("--out", help="report folder (default: MODEL_DIR/eval-DATA)")
     e.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
     e.add_argument("--quiet", action="store_true")
@@ -139,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="map step in photo pixels, rounded to a whole number of network cells (32 network px: "
                         "about 76 photo px for the shipped model at --patch-size 227, the default and finest step)")
     s.add_argument("--threshold", type=_probability,
-                   help="judge the map at this threshold instead of the model's (verification stays at the model's)")
+                   help="judge the map at this threshold instead of the model's scan threshold, which was chosen on "
+                        "photo-sized validation mosaics (verification stays at the patch threshold)")
     s.add_argument("--method", choices=("dense", "crops"), default="dense",
                    help="dense: one pass of the base over the photo (fast); crops: classify crops one by one")
     s.add_argument("--verify", type=_non_negative_int, metavar="N",
@@ -231,7 +238,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batchnorm=args.batchnorm, views=args.views, hard_negatives=args.hard_negatives, patience=args.patience, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, seed=args.seed, augment=augment, crack_class=args.crack_class,
         manifest=args.groups, run_length=args.run_length, target_recall=args.target_recall,
-        dense_mosaics=args.dense_mosaics, quiet=args.quiet,
+        dense_mosaics=args.dense_mosaics, scan_mosaics=args.scan_mosaics, quiet=args.quiet,
     )
     try:
         result = train(config, resume=args.resume)
@@ -251,7 +258,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     base = model_path if model_path.is_dir() else model_path.parent
     out = Path(args.out) if args.out else base / f"eval-{Path(args.data).name or 'data'}"
     metrics = evaluate(args.model, args.data, out, split_csv=args.split, split=args.subset,
-                       target_recall=args.target_recall, backend=args.backend, quiet=args.quiet)
+                       target_recall=args.target_recall, scan_mosaics=args.scan_mosaics, backend=args.backend,
+                       quiet=args.quiet)
     for name in ("accuracy", "precision", "recall"):
         lo, hi = metrics[f"{name}_ci"]
         print(f"{name:<10} {metrics[name]:.4f}  95% CI [{lo:.4f}, {hi:.4f}]")

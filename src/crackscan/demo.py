@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     photo = out / "photo-generated.jpg"
     concrete_photo(rng).save(photo, quality=90)
     model = load_model()
-    print(f"model: {model.path} (input {model.input_size}px, threshold {model.threshold:.3f})")
+    print(f"model: {model.path} (input {model.input_size}px, threshold {model.threshold:.3f}, "
+          f"scan threshold {model.scan_threshold:.3f})")
     print(f"{'crack_probability':>17}  {'label':<10} file")
     for p in model.predict(patches):
         print(f"{p.probability:>17.4f}  {p.label:<10} {p.source}")

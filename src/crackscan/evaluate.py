@@ -172,6 +172,7 @@ def evaluate(
     split_csv: str | Path | None = None,
     split: str = "test",
     target_recall: float | None = None,
+    scan_mosaics: int = 0,
     backend: str = "auto",
     quiet: bool = False,
 ) -> dict[str, Any]:
@@ -185,6 +186,9 @@ def evaluate(
         split: Which split of ``split_csv`` to score.
         target_recall: Choose the threshold reaching this recall on the validation rows of ``split_csv``
             and store it in the model file; needs ``split_csv``.
+        scan_mosaics: Choose the scan's verdict threshold on up to this many photo-sized mosaics of the
+            validation rows of ``split_csv`` (:mod:`crackscan.calibrate`; after ``target_recall``, whose
+            threshold is its floor) and store it in the model file; needs ``split_csv``.
         backend: Inference backend (see :meth:`crackscan.model.CrackModel.crack_probability`).
     """
     from crackscan.data import DataError, apply_split, load_dataset, read_split
@@ -213,6 +217,22 @@ def evaluate(
         model.save(model.path)
         if not quiet:
             print(f"threshold {threshold:.4f} reaches recall {target_recall} on validation; saved in {model.path}")
+    if scan_mosaics:
+        if split_csv is None:
+            raise DataError("--scan-mosaics needs --split RUN/split.csv so the threshold is chosen on validation data")
+        from crackscan.calibrate import calibrate_scan, store
+
+        val, is_crack = dataset.indices("val"), dataset.labels() == dataset.crack_index
+        photos = min(scan_mosaics, 2 * int(is_crack[val].sum()))
+        try:
+            calibration = calibrate_scan(model, dataset.pixels, is_crack, val, photos=photos, backend=backend,
+                                         say=lambda *a: None if quiet else print(*a))
+        except ValueError as err:
+            raise DataError(f"{split_csv}: {err}") from None
+        store(model, calibration, f"{photos} photo-sized mosaics of the validation split of {Path(split_csv).name}")
+        model.save(model.path)
+        if not quiet:
+            print(f"scan threshold {calibration.threshold:.4f} saved in {model.path}")
     y = (dataset.labels(idx) == dataset.crack_index).astype(int)
     prob = model.crack_probability(dataset.pixels[idx], backend)
     groups = [dataset.samples[i].group for i in idx] if split_csv is not None else None

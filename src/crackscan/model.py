@@ -198,6 +198,12 @@ class CrackModel:
         return float(self.meta.get("threshold", 0.5))
 
     @property
+    def scan_threshold(self) -> float:
+        """The whole-photo scan's verdict threshold (:mod:`crackscan.calibrate`): chosen on photo-sized
+        mosaics of validation patches, or the patch threshold for a model without one."""
+        return float(self.meta.get("scan_threshold", self.threshold))
+
+    @property
     def mean(self) -> tuple[float, float, float]:
         return tuple(self.meta["mean"])
 
@@ -399,11 +405,12 @@ def _check_meta(path: str, meta: dict[str, Any]) -> None:
     try:
         version, crack_index, size = int(meta.get("format_version", 1)), int(meta["crack_index"]), int(meta["input_size"])
         threshold = float(meta.get("threshold", 0.5))
+        scan_threshold = float(meta.get("scan_threshold", threshold))
         mean, std = [float(v) for v in meta["mean"]], [float(v) for v in meta["std"]]
     except (TypeError, ValueError):
         raise ModelError(
             f"{path}: malformed metadata: format_version, crack_index and input_size must be integers, "
-            "threshold a number, mean and std lists of numbers"
+            "threshold and scan_threshold numbers, mean and std lists of numbers"
         ) from None
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ModelError(f"{path}: mean and std must hold 3 numbers each, std above 0")
@@ -420,6 +427,8 @@ def _check_meta(path: str, meta: dict[str, Any]) -> None:
         raise ModelError(f"{path}: input_size {size} is outside 32..1024")
     if not 0.0 <= threshold <= 1.0:
         raise ModelError(f"{path}: threshold must lie in [0, 1]")
+    if not 0.0 <= scan_threshold <= 1.0:
+        raise ModelError(f"{path}: scan_threshold must lie in [0, 1]")
 
 
 def default_model_path() -> Path:

@@ -99,7 +99,7 @@ class ScanResult:
         patch_size: Side of one classified patch, in photo pixels.
         stride: Photo pixels between neighbouring map cells (a whole number of network cells).
         probability: Crack probability per map cell, float32, ``rows x cols``.
-        threshold: Cells at or above it are flagged.
+        threshold: Cells at or above it are flagged (by default the model's scan threshold).
         scale: Network pixels per photo pixel (``input_size / patch_size``).
         map_origin: Photo coordinates ``(x, y)`` of the top-left corner of cell (0, 0)'s patch.
         method: ``"dense"`` or ``"crops"``.
@@ -113,8 +113,8 @@ class ScanResult:
             ``area_fraction``.
         seconds: Wall time of decoding plus scanning.
         verified: Cells the dense method re-classified as crops (their map values are the crops').
-        rejected: Of those, the ones whose crop falls below the model's threshold (verification always
-            works at the model's threshold; ``threshold`` then judges the verified map).
+        rejected: Of those, the ones whose crop falls below the model's patch threshold (verification
+            always works at that threshold; ``threshold`` then judges the verified map).
     """
 
     source: str
@@ -629,7 +629,7 @@ def scan_scaled(
     scale = model.input_size / patch_size
     cells = 1 if stride is None else max(1, round(stride * scale / NETWORK_STRIDE))
     work, grid = work_area(pixels, model.input_size, cells * NETWORK_STRIDE)
-    threshold = float(model.threshold if threshold is None else threshold)
+    threshold = float(model.scan_threshold if threshold is None else threshold)
     verified = rejected = 0
     if method == "dense":
         probability = _dense_map(model, work, grid, backend, **tiling)
@@ -682,7 +682,8 @@ def scan_photo(
         patch_size: Side of one classified patch in photo pixels (227: the scale of the training patches).
         stride: Photo pixels between map cells; rounded to a whole number of network cells (32 network
             pixels). Default: one cell.
-        threshold: Flag cells at or above this probability (default: the model's threshold).
+        threshold: Flag cells at or above this probability (default: the model's scan threshold,
+            :attr:`CrackModel.scan_threshold`).
         method: ``"dense"`` (one pass of the base, fast) or ``"crops"`` (every patch classified alone).
         verify: Dense method only: at most this many crops re-classify the borders of the regions
             flagged at the model's threshold (:func:`_verify_borders`); 0 keeps the raw dense map;

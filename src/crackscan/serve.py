@@ -357,7 +357,8 @@ def create_app(
         await anyio.to_thread.run_sync(_warm_up, model, backend)
         app.state.model = model
         app.state.model_name = Path(model.path).name
-        logger.info("model %s loaded (input %d px, threshold %.3f)", model.path, model.input_size, model.threshold)
+        logger.info("model %s loaded (input %d px, threshold %.3f, scan threshold %.3f)", model.path, model.input_size,
+                    model.threshold, model.scan_threshold)
         yield
 
     app = FastAPI(
@@ -410,7 +411,7 @@ def create_app(
         request: Request,
         photo: UploadFile = File(description="a photo of a concrete surface"),
         patch_size: int = Form(PATCH_SIZE, ge=32, le=4096, description="side of one classified patch, in photo pixels"),
-        threshold: float | None = Form(None, ge=0.0, le=1.0, description="default: the model's threshold"),
+        threshold: float | None = Form(None, ge=0.0, le=1.0, description="default: the model's scan threshold"),
     ) -> dict:
         model: CrackModel = request.app.state.model
         name = safe_filename(photo.filename)

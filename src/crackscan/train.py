@@ -101,6 +101,9 @@ class TrainConfig:
     # Mosaics of training patches the whole-photo scan's dense head is fitted on (crackscan.dense_head);
     # 0: no dense head, scan averages the classifier's head over each patch's cells.
     dense_mosaics: int = 60
+    # Photo-sized mosaics of validation patches the scan's verdict threshold is chosen on (crackscan.calibrate),
+    # at most two per validation crack patch; 0: scans judge their maps at the patch threshold.
+    scan_mosaics: int = 200
     quiet: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -739,6 +742,20 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         else:
             attach(model, fit)
             meta["dense_head"] = fit.to_meta()
+    if config.scan_mosaics and len(val_idx):
+        from crackscan.calibrate import calibrate_scan, store
+
+        is_crack = dataset.labels() == dataset.crack_index
+        photos = min(config.scan_mosaics, 2 * int(is_crack[val_idx].sum()))
+        try:
+            calibration = calibrate_scan(crack_model, dataset.pixels, is_crack, val_idx, photos=photos,
+                                         seed=config.seed, say=say)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(run_dir, trainer.saved_epochs, after_training=True) from None
+        except ValueError as err:  # e.g. a validation split without crack-free patches
+            warnings.warn(f"scan threshold not chosen ({err}); scans judge their maps at the patch threshold")
+        else:
+            store(crack_model, calibration, f"{photos} photo-sized mosaics of the validation split")
     metrics: dict[str, Any] = {}
     if len(test_idx):
         prob = crack_model.crack_probability(dataset.pixels[test_idx])
