@@ -19,8 +19,10 @@ rate that looks small per patch flags many crack-free photos. Reported: verdicts
 flagged, crack tiles found by a region over them, regions elsewhere (beyond the cells whose patch can
 reach the crack tile), and the largest probability on crack-free photos (the margin below the
 threshold); then the same maps judged at other verdict thresholds (``SWEEP``): crack-free photos flagged
-and crack tiles found at each. To look at such a choice without touching the test split, run it on the
-validation rows (``--part val``). Tile seams are straight edges between two surfaces that the training patches never show, so
+and crack tiles found at each, among them the model's patch threshold and its scan threshold (the
+verdict's, chosen on validation mosaics like these by ``crackscan.calibrate``; maps and verdicts are judged
+at it). To look at such a choice without touching the test split, run it on the validation rows
+(``--part val``), on which a calibrated model's scan threshold was chosen. Tile seams are straight edges between two surfaces that the training patches never show, so
 these photos are harder than plain concrete there.
 
 Real photos: both photos in ../shared/data/photos are scanned (dense); the verdicts are reported and
@@ -125,6 +127,8 @@ def photo_verdicts(model: Any, files: dict[str, list[Path]], count: int, rng: np
     from crackscan.scan import scan_scaled
 
     cols, rows = grid
+    # The fixed thresholds and the two the model carries: the patch threshold and the scan's verdict threshold.
+    sweep = sorted({*SWEEP, round(model.threshold, 4), round(model.scan_threshold, 4)})
     per_photo = []
     for index in range(count):
         image, _, _ = build_mosaic(files, model.crack_class, rows, cols, 0.0, rng)
@@ -134,7 +138,7 @@ def photo_verdicts(model: Any, files: dict[str, list[Path]], count: int, rng: np
             pool = files[model.crack_class]
             paste_tile(image, pool[int(rng.integers(len(pool)))], *crack)
         result = scan_scaled(model, at_network_scale(image, model), image.size, source=f"photo-mosaic-{index}")
-        at = {t: result.with_threshold(t) for t in SWEEP}
+        at = {t: result.with_threshold(t) for t in sweep}
         on_crack = [r for r in result.regions if crack is not None and overlaps(r["box"], crack)]
         # A region's box holds the squares its cells own (a third of a patch); a cell whose patch reaches into
         # the crack tile may own a square up to a patch away from it: only regions beyond that are elsewhere.
@@ -160,7 +164,7 @@ def photo_verdicts(model: Any, files: dict[str, list[Path]], count: int, rng: np
         "with_crack": len(cracked), "crack_found": sum(bool(p["crack_found"]) for p in cracked),
         "regions_elsewhere": sum(p["regions_elsewhere"] for p in per_photo),
         "sweep": [{"threshold": t, "crack_free_flagged": sum(p["sweep"][str(t)]["flagged"] for p in free),
-                   "crack_found": sum(bool(p["sweep"][str(t)]["crack_found"]) for p in cracked)} for t in SWEEP],
+                   "crack_found": sum(bool(p["sweep"][str(t)]["crack_found"]) for p in cracked)} for t in sweep],
     }
     return summary, per_photo
 
@@ -281,7 +285,8 @@ def main() -> None:
                            "flagged_fraction": round(result.flagged_fraction, 4), "regions": len(result.regions),
                            "seconds": round(result.seconds, 3)})
 
-    print(f"\nmodel: {model.path}  threshold {model.threshold:.3f}  tiles from "
+    print(f"\nmodel: {model.path}  threshold {model.threshold:.3f} (maps and verdicts at the scan threshold "
+          f"{model.scan_threshold:.3f})  tiles from "
           f"{f'{args.split} ({args.part} rows)' if args.split else 'blocks ' + ' '.join(map(str, args.blocks))}")
     print(f"{'map':<40}{'accuracy':>9}{'recall':>8}{'specif.':>8}{'tiles':>7}{'as crops':>9}{'s/mosaic':>9}")
     for row in report_rows:
@@ -303,6 +308,7 @@ def main() -> None:
         "quick": args.quick,
         "model": model.path,
         "threshold": model.threshold,
+        "scan_threshold": model.scan_threshold,
         "tiles_from": {"split": str(args.split), "part": args.part} if args.split else {"blocks": args.blocks},
         "grid": [cols, rows],
         "mosaics": args.mosaics,

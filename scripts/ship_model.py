@@ -100,6 +100,17 @@ def write_card(run: Path, scans: list[dict], data: Path, metrics: dict[str, dict
         f"patches to match the classifier's crops at every map cell. On validation mosaics its map cells are "
         f"flagged as the crops flag them in {dense['val_cell_agreement']:.1%} of cells (the classifier's head "
         f"averaged over each patch's cells: {dense['val_cell_agreement_averaged_head']:.1%}).")
+    calibration = meta.get("scan_calibration")
+    scan_threshold_line = "" if not calibration else (
+        f"\n\n## Scan threshold\n`crackscan scan` judges a photo's map at its own threshold, {meta['scan_threshold']:.2f}: a photo "
+        f"is a crack when any of its ~1,900 map cells reaches it, so a patch-level false-alarm rate is multiplied by the "
+        f"cells of a photo. It was chosen by `crackscan.calibrate` on {calibration['photos']} photo-sized mosaics of validation patches "
+        f"({calibration['grid'][0]}×{calibration['grid'][1]} tiles, half of them with one crack tile): the lowest "
+        f"threshold with the best balanced photo accuracy. At {meta['threshold']:.2f} "
+        f"{calibration['at_patch_threshold']['crack_free_flagged']} of {calibration['crack_free']} crack-free mosaics "
+        f"were flagged and {calibration['at_patch_threshold']['crack_found']} of {calibration['with_crack']} crack tiles "
+        f"found; at {meta['scan_threshold']:.2f}, {calibration['at_scan_threshold']['crack_free_flagged']} and "
+        f"{calibration['at_scan_threshold']['crack_found']}. `crackscan scan --threshold` changes it per scan.")
     with open(run / "split.csv") as handle:
         counts["train"] = sum(1 for line in handle if ",train," in line)
     c = m["confusion"]
@@ -158,7 +169,7 @@ and precision {fmt_ci(v, 'precision')} ({v['n']} images). The network's probabil
 {v['roc_auc']:.5f} on validation): only {unsure} of the {len(probs)} validation patch(es) score between 0.1 and 0.9, so
 any threshold in that range changes at most {unsure} answer(s) there. Change it
 per call with `--threshold`, or choose one on your own validation data with
-`crackscan evaluate MODEL DATA --split SPLIT.csv --target-recall R`, which stores it in the model file.
+`crackscan evaluate MODEL DATA --split SPLIT.csv --target-recall R`, which stores it in the model file.{scan_threshold_line}
 
 ## Whole photos
 `crackscan scan` on the two real 4032×3024 phone photos in `../shared/data/photos/` (patch size 227 px):

@@ -64,6 +64,7 @@ def varied_model_path(tiny_model_path, photo_path, tmp_path_factory) -> Path:
         head.weight.mul_(k)
         head.bias.mul_(k)
         head.bias[model.crack_index] -= k * float(np.median(d))
+    model.meta["scan_threshold"] = 0.55  # scans judge at it: the page must start there, not at the patch threshold
     return model.save(tmp_path_factory.mktemp("varied") / "varied.safetensors")
 
 
@@ -106,9 +107,12 @@ def test_upload_shows_verdict_overlay_and_slider_redraws(browser, server, photo_
     page.goto(server + "/")
     page.wait_for_function("() => document.getElementById('model-info').textContent.includes('varied.safetensors')")
     assert "does not replace a professional structural assessment" in page.inner_text(".note")
+    assert "scan threshold 0.55" in page.inner_text("#model-info")
+    assert page.input_value("#threshold") == "0.55"
 
     upload_and_wait(page, photo_path)
     assert page.is_hidden("#busy") and page.is_hidden("#error")
+    assert page.inner_text("#server-threshold") == "0.55" and page.inner_text("#threshold-value") == "0.55"
     verdict = page.inner_text("#verdict")
     assert verdict in ("CRACK", "NO CRACK")
     assert "crack" in page.get_attribute("#verdict", "class") or "clear" in page.get_attribute("#verdict", "class")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from crackscan.model import CrackModel
 from crackscan.scan import ScanResult, scan_scaled
@@ -114,6 +115,7 @@ def calibrate_scan(
     photos: int = 200,
     seed: int = 0,
     backend: str = "auto",
+    progress: bool = False,
     say: Callable[..., None] = lambda *a: None,
 ) -> ScanCalibration:
     """Choose the scan's verdict threshold (see the module's docstring).
@@ -125,6 +127,7 @@ def calibrate_scan(
         rows: The rows to build the photos from: the validation split's.
         photos: How many photo-sized mosaics, half crack-free and half with one crack tile (each about as
             long to scan as a 12-MP photo: 0.3 s on 2 cores).
+        progress: Show a progress bar.
 
     Raises:
         ValueError: ``rows`` lack crack patches or crack-free ones, or ``photos`` is below 2.
@@ -140,7 +143,7 @@ def calibrate_scan(
     size = model.input_size
     cols, grid_rows = GRID
     free_max, tile_max = [], []
-    for index in range(photos):
+    for index in tqdm(range(photos), desc="scan threshold", unit="photo", disable=not progress, leave=False):
         crack = None
         if index % 2:
             crack = (int(cracks[rng.integers(len(cracks))]), int(rng.integers(grid_rows)), int(rng.integers(cols)))

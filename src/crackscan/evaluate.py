@@ -226,7 +226,7 @@ def evaluate(
         photos = min(scan_mosaics, 2 * int(is_crack[val].sum()))
         try:
             calibration = calibrate_scan(model, dataset.pixels, is_crack, val, photos=photos, backend=backend,
-                                         say=lambda *a: None if quiet else print(*a))
+                                         progress=not quiet, say=lambda *a: None if quiet else print(*a))
         except ValueError as err:
             raise DataError(f"{split_csv}: {err}") from None
         store(model, calibration, f"{photos} photo-sized mosaics of the validation split of {Path(split_csv).name}")

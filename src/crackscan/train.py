@@ -749,7 +749,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         photos = min(config.scan_mosaics, 2 * int(is_crack[val_idx].sum()))
         try:
             calibration = calibrate_scan(crack_model, dataset.pixels, is_crack, val_idx, photos=photos,
-                                         seed=config.seed, say=say)
+                                         seed=config.seed, progress=not config.quiet, say=say)
         except KeyboardInterrupt:
             raise TrainingInterrupted(run_dir, trainer.saved_epochs, after_training=True) from None
         except ValueError as err:  # e.g. a validation split without crack-free patches

@@ -45,9 +45,11 @@ async function describeModel() {
     if (health.ok) maxUpload = (await health.json()).max_upload_bytes;
     if (model.ok) {
       const meta = await model.json();
+      // Scans judge their maps at the model's scan threshold; older models have only the patch threshold.
+      const scanThreshold = meta.scan_threshold ?? meta.threshold;
       els.modelInfo.textContent = `Model ${meta.file}: ${meta.architecture}, ${meta.input_size} px input, ` +
-        `threshold ${Number(meta.threshold).toFixed(2)}.`;
-      els.slider.value = meta.threshold;
+        `scan threshold ${Number(scanThreshold).toFixed(2)}.`;
+      els.slider.value = scanThreshold;
     }
   } catch (err) {
     els.modelInfo.textContent = "The server did not answer; is crackscan serve running?";
