@@ -104,6 +104,9 @@ def test_target_recall_is_stored_and_used(trained_run, tiny_dataset, tmp_path):
     assert code == 0
     meta = read_meta(model_file)
     assert "target recall 1.0" in meta["threshold_source"]
+    # The scan threshold training chose sat above the old threshold: it must not outlive it.
+    assert "scan_threshold" in read_meta(trained_run / "model.safetensors") and "scan_threshold" not in meta
+    assert load_model(model_file).scan_threshold == meta["threshold"]
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["threshold"] == pytest.approx(meta["threshold"])
 

@@ -214,9 +214,18 @@ def evaluate(
         threshold = threshold_for_recall((dataset.labels(val) == dataset.crack_index).astype(int), val_prob, target_recall)
         model.meta["threshold"] = threshold
         model.meta["threshold_source"] = f"validation split of {Path(split_csv).name}, target recall {target_recall}"
+        # A scan threshold was chosen above the old threshold; the new one is its floor: choose it again (below)
+        # or drop it, so that scans never judge at a threshold chosen for another patch threshold.
+        stale = not scan_mosaics and model.meta.pop("scan_threshold", None) is not None
+        if stale:
+            model.meta.pop("scan_threshold_source", None)
+            model.meta.pop("scan_calibration", None)
         model.save(model.path)
         if not quiet:
             print(f"threshold {threshold:.4f} reaches recall {target_recall} on validation; saved in {model.path}")
+            if stale:
+                print("the scan threshold, chosen for the old threshold, was removed: scans judge at the new one "
+                      "until --scan-mosaics N chooses another")
     if scan_mosaics:
         if split_csv is None:
             raise DataError("--scan-mosaics needs --split RUN/split.csv so the threshold is chosen on validation data")
