@@ -171,6 +171,8 @@ def photo_verdicts(model: Any, files: dict[str, list[Path]], count: int, rng: np
 
 def tile_scores(result, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
     """Per tile: the best-aligned cell's probability, and the largest probability of cells centred in it."""
+    from crackscan.calibrate import tile_cells_max
+
     centre = np.zeros((rows, cols), np.float32)
     anyone = np.zeros((rows, cols), np.float32)
     r_cells, c_cells = result.map_shape
@@ -180,11 +182,7 @@ def tile_scores(result, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
             ci = int(np.clip(round((i * TILE - oy) / result.stride), 0, r_cells - 1))
             cj = int(np.clip(round((j * TILE - ox) / result.stride), 0, c_cells - 1))
             centre[i, j] = result.probability[ci, cj]
-            cy = oy + result.patch_size / 2 + result.stride * np.arange(r_cells)
-            cx = ox + result.patch_size / 2 + result.stride * np.arange(c_cells)
-            inside_r = (cy >= i * TILE) & (cy < (i + 1) * TILE)
-            inside_c = (cx >= j * TILE) & (cx < (j + 1) * TILE)
-            anyone[i, j] = result.probability[np.ix_(inside_r, inside_c)].max()
+            anyone[i, j] = tile_cells_max(result, i, j, TILE)
     return centre, anyone
 
 
