@@ -128,7 +128,7 @@ def photo_verdicts(model: Any, files: dict[str, list[Path]], count: int, rng: np
 
     cols, rows = grid
     # The fixed thresholds and the two the model carries: the patch threshold and the scan's verdict threshold.
-    sweep = sorted({*SWEEP, round(model.threshold, 4), round(model.scan_threshold, 4)})
+    sweep = sorted({*SWEEP, model.threshold, model.scan_threshold})
     per_photo = []
     for index in range(count):
         image, _, _ = build_mosaic(files, model.crack_class, rows, cols, 0.0, rng)

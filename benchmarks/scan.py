@@ -8,7 +8,7 @@ model's dense head at every cell), "dense" with up to 256 crops verifying the fl
 patch's cells: verified by 256 crops, scan's default before the dense head, and raw), and "crops" (with the
 default backend, ONNX Runtime, and with PyTorch), at the same output stride (the network's own: 32
 network px), decode included, and compares the dense maps with the crops' map: Pearson r of probabilities
-and of logits, largest difference, share of cells with the same label at the model's threshold. Each
+and of logits, largest difference, share of cells with the same label at the scan's threshold. Each
 measurement runs in a fresh process so its peak memory (VmHWM) is its own; the table shows the
 process's resident memory before the scan (torch and the model) and the peak during it. A generated
 50-MP photo measures memory for big photos. Dense runs are repeated (5 by default) and crops run twice;

@@ -53,6 +53,10 @@ def install(run: Path) -> None:
     from crackscan.model import load_model
 
     model = load_model(run / "model.safetensors")
+    if model.meta.get("threshold") != THRESHOLD and model.meta.pop("scan_threshold", None) is not None:
+        # chosen above the run's own threshold: choose it again with `crackscan evaluate --scan-mosaics`
+        model.meta.pop("scan_calibration", None)
+        print(f"the run's scan threshold was chosen for threshold {model.meta.get('threshold')}, not {THRESHOLD}: dropped")
     model.meta["threshold"] = THRESHOLD
     model.meta["threshold_source"] = "argmax (0.5); recall and precision at it are in MODEL_CARD.md"
     model.meta.pop("metrics", None)  # measured again below, at the shipped threshold, by crackscan evaluate

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import concrete_photo
-from crackscan.model import load_model
+from crackscan.model import load_model, read_meta
 from crackscan.scan import scan_photo
 from crackscan.serve import create_app
 from live_server import live_server
@@ -64,8 +64,15 @@ def varied_model_path(tiny_model_path, photo_path, tmp_path_factory) -> Path:
         head.weight.mul_(k)
         head.bias.mul_(k)
         head.bias[model.crack_index] -= k * float(np.median(d))
-    model.meta["scan_threshold"] = 0.55  # scans judge at it: the page must start there, not at the patch threshold
-    return model.save(tmp_path_factory.mktemp("varied") / "varied.safetensors")
+    # Scans judge at the scan threshold: the page must start there, not at the patch threshold. Chosen thresholds
+    # lie off the slider's 0.01 steps; this one just below a cell of the map that the step nearest it would
+    # not flag, so that judging at the slider's step instead of the threshold changes the answer.
+    path = model.save(tmp_path_factory.mktemp("varied") / "varied.safetensors")
+    stretched = load_model(path)
+    values = np.sort(scan_photo(stretched, photo_path).probability.ravel())
+    cell = next(v for v in values if 0.3 < v < 0.7 and 0.6 < (v * 100) % 1 < 0.95)
+    stretched.meta["scan_threshold"] = float(cell) - 0.0005
+    return stretched.save(path)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +106,7 @@ def upload_and_wait(page, photo: Path) -> None:
     page.wait_for_function("() => document.getElementById('verdict').textContent.length > 0")
 
 
-def test_upload_shows_verdict_overlay_and_slider_redraws(browser, server, photo_path, tmp_path):
+def test_upload_shows_verdict_overlay_and_slider_redraws(browser, server, photo_path, varied_model_path, tmp_path):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda err: errors.append(str(err)))
@@ -107,12 +114,22 @@ def test_upload_shows_verdict_overlay_and_slider_redraws(browser, server, photo_
     page.goto(server + "/")
     page.wait_for_function("() => document.getElementById('model-info').textContent.includes('varied.safetensors')")
     assert "does not replace a professional structural assessment" in page.inner_text(".note")
-    assert "scan threshold 0.55" in page.inner_text("#model-info")
-    assert page.input_value("#threshold") == "0.55"
+    scan_threshold = read_meta(varied_model_path)["scan_threshold"]
+    step = f"{scan_threshold:.2f}"
+    assert f"scan threshold {step}" in page.inner_text("#model-info")
+    assert page.input_value("#threshold") == step
 
     upload_and_wait(page, photo_path)
     assert page.is_hidden("#busy") and page.is_hidden("#error")
-    assert page.inner_text("#server-threshold") == "0.55" and page.inner_text("#threshold-value") == "0.55"
+    assert page.inner_text("#server-threshold") == step and page.inner_text("#threshold-value") == step
+    # The page's first answer is the server's, at the scan threshold itself (not at the slider's step).
+    with open(photo_path, "rb") as handle:
+        served = httpx.post(server + "/scan", files={"photo": ("p.jpg", handle, "image/jpeg")}, timeout=120).json()
+    assert served["threshold"] == pytest.approx(scan_threshold)
+    assert page.locator("#regions li").count() == len(served["regions"])
+    assert f"{100 * served['flagged_fraction']:.1f}% of the photo" in page.inner_text("#summary")
+    # (Judged at the slider's step instead, the answer would differ: the test can tell the two apart.)
+    assert page.evaluate("(t) => assess(t)", float(step))["flagged_fraction"] < served["flagged_fraction"] - 1e-6
     verdict = page.inner_text("#verdict")
     assert verdict in ("CRACK", "NO CRACK")
     assert "crack" in page.get_attribute("#verdict", "class") or "clear" in page.get_attribute("#verdict", "class")

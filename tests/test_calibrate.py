@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import concrete_patch
-from crackscan.calibrate import GRID, calibrate_scan, choose_threshold, photo_mosaic, store, tile_cells_max
+from crackscan.calibrate import (GRID, ScanCalibration, calibrate_scan, choose_threshold, photo_mosaic, photo_score,
+                                 store, tile_cells_max)
 from crackscan.model import CrackModel, ModelError, load_model, read_meta, save_model
 from crackscan.scan import ScanResult, scan_scaled
 
@@ -68,6 +69,21 @@ def test_tile_cells_max_reads_only_the_cells_centred_in_the_tile():
     assert tile_cells_max(result, 0, 2, 96) == pytest.approx(0.99)
 
 
+def test_a_crack_photo_is_scored_by_its_crack_tile_not_by_the_rest_of_the_photo():
+    # Plain tiles everywhere, one cracked tile in a corner: the photo's score is the corner's, but a crack
+    # tile laid (as a plain patch, mislabelled) in the far corner is scored by its own cells and is not found.
+    model = load_model()
+    rng = np.random.default_rng(3)
+    plain = np.stack([np.asarray(concrete_patch(rng, model.input_size, False)) for _ in range(8)])
+    cracked = np.asarray(concrete_patch(rng, model.input_size, True))
+    pixels = np.concatenate([plain, cracked[None]])
+    mosaic = photo_mosaic(pixels, np.arange(8), rng, crack=(8, 0, 0))
+    cols, rows = GRID
+    assert photo_score(model, mosaic, None) > 0.9
+    assert photo_score(model, mosaic, (0, 0)) > 0.9
+    assert photo_score(model, mosaic, (rows - 1, cols - 1)) < 0.5
+
+
 def test_calibration_with_the_shipped_model_finds_the_crack_tiles_and_passes_plain_photos():
     model = load_model()
     rng = np.random.default_rng(0)
@@ -96,30 +112,38 @@ def test_scan_judges_at_the_models_scan_threshold(calibrated_copy):
     calibrated, plain = calibrated_copy
     assert calibrated.scan_threshold == 0.9 and plain.scan_threshold == plain.threshold == 0.5
     photo = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
-    at_scan = scan_scaled(calibrated, photo, (400, 300), patch_size=64, backend="torch")
     at_patch = scan_scaled(plain, photo, (400, 300), patch_size=64, backend="torch")
+    # A scan threshold in the middle of this map, so that judging at it and at the patch threshold differ.
+    middle = float(np.median(at_patch.probability))
+    model = CrackModel(module=plain.module, meta=dict(plain.meta, scan_threshold=middle))
+    at_scan = scan_scaled(model, photo, (400, 300), patch_size=64, backend="torch")
     assert np.array_equal(at_scan.probability, at_patch.probability)
-    assert at_scan.threshold == 0.9 and at_patch.threshold == 0.5
-    assert at_scan.flagged_fraction == at_patch.with_threshold(0.9).flagged_fraction
-    assert scan_scaled(calibrated, photo, (400, 300), patch_size=64, threshold=0.5, backend="torch").threshold == 0.5
+    assert at_scan.threshold == middle and at_patch.threshold == 0.5
+    assert 0 < at_scan.flagged_fraction < 1 and at_scan.flagged_fraction != at_patch.flagged_fraction
+    assert at_scan.flagged_fraction == at_patch.with_threshold(middle).flagged_fraction
+    assert scan_scaled(model, photo, (400, 300), patch_size=64, threshold=0.5, backend="torch").threshold == 0.5
 
 
-def test_scan_json_and_cli_say_the_scan_threshold(calibrated_copy, tmp_path):
+def test_scan_json_and_cli_say_the_scan_threshold(calibrated_copy, tmp_path, capsys):
     from PIL import Image
 
     from crackscan.cli import main
 
-    calibrated, _ = calibrated_copy
+    calibrated, plain = calibrated_copy
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (200, 260, 3), dtype=np.uint8)).save(tmp_path / "p.png")
-    assert main(["scan", calibrated.path, str(tmp_path / "p.png"), "--patch-size", "64", "--out",
-                 str(tmp_path / "out"), "--quiet"]) == 0
+    args = [str(tmp_path / "p.png"), "--patch-size", "64", "--out", str(tmp_path / "out")]
+    capsys.readouterr()
+    assert main(["scan", calibrated.path, *args]) == 0
     assert json.loads((tmp_path / "out" / "p.json").read_text())["threshold"] == 0.9
+    assert "cells flagged at 0.900 (the model's scan threshold)" in capsys.readouterr().out
+    assert main(["scan", calibrated.path, *args, "--threshold", "0.3"]) == 0
+    assert "cells flagged at 0.300 (--threshold)" in capsys.readouterr().out
+    assert main(["scan", plain.path, *args]) == 0
+    assert "cells flagged at 0.500 (the model's threshold)" in capsys.readouterr().out
 
 
 def test_store_writes_the_threshold_and_its_figures(tiny_model_path, tmp_path):
     model = load_model(tiny_model_path)
-    from crackscan.calibrate import ScanCalibration
-
     calibration = ScanCalibration(threshold=0.7, balanced_accuracy=0.9, crack_free_max=np.array([0.6, 0.8]),
                                   crack_tile_max=np.array([0.95, 0.65]), patch_threshold=0.5, seconds=1.0)
     store(model, calibration, "a test")
@@ -129,6 +153,11 @@ def test_store_writes_the_threshold_and_its_figures(tiny_model_path, tmp_path):
     assert meta["scan_calibration"]["at_scan_threshold"] == {"crack_free_flagged": 1, "crack_found": 1}
     assert meta["scan_calibration"]["at_patch_threshold"] == {"crack_free_flagged": 2, "crack_found": 2}
     assert load_model(tmp_path / "m.safetensors").scan_threshold == 0.7
+    # Stored as chosen: never rounded below the patch threshold it was floored at.
+    floor = 0.12345649
+    store(model, ScanCalibration(threshold=floor, balanced_accuracy=1.0, crack_free_max=np.array([0.1]),
+                                 crack_tile_max=np.array([0.9]), patch_threshold=floor, seconds=1.0), "a test")
+    assert model.meta["scan_threshold"] >= floor
 
 
 @pytest.mark.parametrize("bad", [1.5, -0.1, "high"])

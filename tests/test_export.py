@@ -229,3 +229,6 @@ def test_exported_files_are_models_for_predict_and_evaluate(model, patches, fp32
     capsys.readouterr()
     assert main(["scan", str(path), str(patches[0]), "--out", str(tmp_path / "scan")]) == 2
     assert "scan needs the PyTorch model" in capsys.readouterr().err
+    # Choosing a scan threshold scans too: said at once, before the data is read (none is there to read).
+    assert main(["evaluate", str(path), str(tmp_path / "absent"), "--split", "s.csv", "--scan-mosaics", "4"]) == 2
+    assert "choosing a scan threshold needs the PyTorch model" in capsys.readouterr().err

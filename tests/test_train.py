@@ -122,6 +122,11 @@ def test_scan_threshold_chosen_by_evaluate_is_stored(trained_run, tiny_dataset, 
     meta = read_meta(model_file)
     assert meta["scan_calibration"]["photos"] == 4 and "split.csv" in meta["scan_threshold_source"]
     assert meta["scan_threshold"] >= meta["threshold"]
+    # With --target-recall too, the scan threshold is chosen again above the new threshold.
+    assert main(args + ["--split", str(trained_run / "split.csv"), "--target-recall", "1.0"]) == 0
+    meta = read_meta(model_file)
+    assert "target recall 1.0" in meta["threshold_source"] and meta["scan_threshold"] >= meta["threshold"]
+    assert meta["scan_calibration"]["photos"] == 4 and meta["scan_calibration"]["patch_threshold"] == meta["threshold"]
 
 
 def test_offline_without_weights_file_is_a_clear_error(tiny_dataset, tmp_path, capsys, monkeypatch):

@@ -57,6 +57,7 @@ class ScanCalibration:
             "crack_free": int(len(self.crack_free_max)),
             "with_crack": int(len(self.crack_tile_max)),
             "grid": list(GRID),
+            "patch_threshold": self.patch_threshold,
             "balanced_accuracy": round(self.balanced_accuracy, 4),
             "at_scan_threshold": self.at(self.threshold),
             "at_patch_threshold": self.at(self.patch_threshold),
@@ -65,10 +66,11 @@ class ScanCalibration:
 
 
 def choose_threshold(crack_free_max: np.ndarray, crack_tile_max: np.ndarray, floor: float) -> tuple[float, float]:
-    """The lowest threshold at or above ``floor`` with the best photo-level balanced accuracy, and that accuracy.
+    """A threshold at or above ``floor`` with the best photo-level balanced accuracy, and that accuracy.
 
     Thresholds between two neighbouring scores all give the same photo verdicts, so the candidates are
-    ``floor`` and the midpoints between the distinct scores above it.
+    ``floor`` and the midpoints between the distinct scores above it; of those with the best accuracy the
+    lowest wins, i.e. ``floor`` or the middle of the lowest winning gap between two scores.
     """
     free, found = np.asarray(crack_free_max, np.float64), np.asarray(crack_tile_max, np.float64)
     if not len(free) or not len(found):
@@ -106,6 +108,18 @@ def tile_cells_max(result: ScanResult, row: int, col: int, tile: float) -> float
     return float(cells.max()) if cells.size else 0.0
 
 
+def photo_score(model: CrackModel, mosaic: np.ndarray, crack_tile: tuple[int, int] | None,
+                backend: str = "auto") -> float:
+    """Scan a mosaic (at the model's input size a tile) as ``scan`` scans a photo, and read what it tells: for a
+    crack-free one its largest cell probability (flagged at every threshold up to it), else the largest among
+    the cells centred in ``crack_tile`` (found at every threshold up to it), wherever else the map is high."""
+    result = scan_scaled(model, mosaic, (mosaic.shape[1], mosaic.shape[0]), patch_size=model.input_size,
+                         source="calibration photo", backend=backend)
+    if crack_tile is None:
+        return result.max_probability
+    return tile_cells_max(result, crack_tile[0], crack_tile[1], model.input_size)
+
+
 def calibrate_scan(
     model: CrackModel,
     pixels: np.ndarray,
@@ -132,15 +146,14 @@ def calibrate_scan(
     Raises:
         ValueError: ``rows`` lack crack patches or crack-free ones, or ``photos`` is below 2.
     """
-    if photos < 2:
-        raise ValueError(f"calibrating the scan threshold needs at least 2 photos, got {photos}")
     started = time.perf_counter()
     rows = np.asarray(rows)
     cracks, negatives = rows[is_crack[rows]], rows[~is_crack[rows]]
     if not len(cracks) or not len(negatives):
         raise ValueError("calibrating the scan threshold needs crack and crack-free validation patches")
+    if photos < 2:
+        raise ValueError(f"calibrating the scan threshold needs at least 2 photos, got {photos}")
     rng = np.random.default_rng(seed)
-    size = model.input_size
     cols, grid_rows = GRID
     free_max, tile_max = [], []
     for index in tqdm(range(photos), desc="scan threshold", unit="photo", disable=not progress, leave=False):
@@ -148,12 +161,8 @@ def calibrate_scan(
         if index % 2:
             crack = (int(cracks[rng.integers(len(cracks))]), int(rng.integers(grid_rows)), int(rng.integers(cols)))
         mosaic = photo_mosaic(pixels, negatives, rng, crack)
-        result = scan_scaled(model, mosaic, (mosaic.shape[1], mosaic.shape[0]), patch_size=size,
-                             source=f"calibration photo {index}", backend=backend)
-        if crack is None:
-            free_max.append(result.max_probability)
-        else:
-            tile_max.append(tile_cells_max(result, crack[1], crack[2], size))
+        score = photo_score(model, mosaic, None if crack is None else crack[1:], backend)
+        (free_max if crack is None else tile_max).append(score)
     free, found = np.array(free_max), np.array(tile_max)
     threshold, balanced = choose_threshold(free, found, model.threshold)
     calibration = ScanCalibration(threshold=threshold, balanced_accuracy=balanced, crack_free_max=free,
@@ -169,6 +178,6 @@ def calibrate_scan(
 
 def store(model: CrackModel, calibration: ScanCalibration, source: str) -> None:
     """Record the calibration in the model's metadata (saved with the model by the caller)."""
-    model.meta["scan_threshold"] = round(calibration.threshold, 6)
+    model.meta["scan_threshold"] = calibration.threshold  # unrounded: rounding could take it below its floor
     model.meta["scan_threshold_source"] = source
     model.meta["scan_calibration"] = calibration.to_meta()

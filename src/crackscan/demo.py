@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = scan_paths(model, [photo], out / "scan", quiet=True)
     for result in summary.results:
         d = result.to_dict()
-        print(f"scan {photo.name}: verdict {'CRACK' if d['verdict'] else 'no crack'}, "
+        print(f"scan {photo.name}: verdict {'CRACK' if d['is_crack'] else 'no crack'}, "
               f"{len(d['regions'])} region(s), {d['flagged_fraction']:.1%} of the photo flagged")
     print(f"overlays and maps: {summary.out_dir}")
     print("These images are generated, not real concrete: use your own photos for real answers.")

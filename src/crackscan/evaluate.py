@@ -195,6 +195,8 @@ def evaluate(
     from crackscan.model import load_model
 
     model = load_model(model_path)
+    if scan_mosaics:
+        model.network("choosing a scan threshold")  # an ONNX file cannot scan: say so before loading the data
     dataset = load_dataset(data, model.input_size, crack_class=model.crack_class, quiet=quiet)
     if split_csv is not None:
         apply_split(dataset, read_split(split_csv))
@@ -214,16 +216,15 @@ def evaluate(
         threshold = threshold_for_recall((dataset.labels(val) == dataset.crack_index).astype(int), val_prob, target_recall)
         model.meta["threshold"] = threshold
         model.meta["threshold_source"] = f"validation split of {Path(split_csv).name}, target recall {target_recall}"
-        # A scan threshold was chosen above the old threshold; the new one is its floor: choose it again (below)
-        # or drop it, so that scans never judge at a threshold chosen for another patch threshold.
-        stale = not scan_mosaics and model.meta.pop("scan_threshold", None) is not None
-        if stale:
-            model.meta.pop("scan_threshold_source", None)
-            model.meta.pop("scan_calibration", None)
+        # A scan threshold was chosen above the old threshold, the new one is its floor: drop it (and choose it
+        # again below, when asked), so that scans never judge at a threshold chosen for another patch threshold.
+        stale = model.meta.pop("scan_threshold", None) is not None
+        model.meta.pop("scan_threshold_source", None)
+        model.meta.pop("scan_calibration", None)
         model.save(model.path)
         if not quiet:
             print(f"threshold {threshold:.4f} reaches recall {target_recall} on validation; saved in {model.path}")
-            if stale:
+            if stale and not scan_mosaics:
                 print("the scan threshold, chosen for the old threshold, was removed: scans judge at the new one "
                       "until --scan-mosaics N chooses another")
     if scan_mosaics:

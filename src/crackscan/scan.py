@@ -686,7 +686,7 @@ def scan_photo(
             :attr:`CrackModel.scan_threshold`).
         method: ``"dense"`` (one pass of the base, fast) or ``"crops"`` (every patch classified alone).
         verify: Dense method only: at most this many crops re-classify the borders of the regions
-            flagged at the model's threshold (:func:`_verify_borders`); 0 keeps the raw dense map;
+            flagged at the model's patch threshold (:func:`_verify_borders`); 0 keeps the raw dense map;
             None: :func:`default_verify`.
         max_pixels: Refuse photos, and scaled photos, larger than this (decompression-bomb guard).
         backend: What runs the network: ``"auto"``, ``"onnx"`` or ``"torch"``, as in
@@ -926,10 +926,10 @@ def scan_paths(
         out_dir: Output folder, created when missing.
         patch_size: Side of one classified patch in photo pixels.
         stride: Photo pixels between map cells (default: one network cell).
-        threshold: Decision threshold (default: the model's).
+        threshold: Flag cells at or above it (default: the model's scan threshold).
         method: ``"dense"`` or ``"crops"``.
         verify: Dense method only: at most this many crops re-classify the borders of the regions
-            flagged at the model's threshold (:func:`_verify_borders`); 0 keeps the raw dense map;
+            flagged at the model's patch threshold (:func:`_verify_borders`); 0 keeps the raw dense map;
             None: :func:`default_verify`.
         map_kind: What the overlay shows: ``"probability"`` or ``"gradcam"``.
         quiet: No per-photo progress line on standard output.
@@ -947,6 +947,10 @@ def scan_paths(
     rows: list[dict[str, Any]] = []
     sheet: list[tuple[str, Image.Image]] = []
     used: set[str] = set()
+    if not quiet:
+        said = ("--threshold" if threshold is not None else "the model's scan threshold" if "scan_threshold" in
+                model.meta else "the model's threshold")
+        print(f"cells flagged at {model.scan_threshold if threshold is None else threshold:.3f} ({said})", flush=True)
     for path in paths:
         path = Path(path)
         started = time.perf_counter()

@@ -152,10 +152,14 @@ function assess(t) {
 function render() {
   if (!current) return;
   const { scan, values, rows, cols, photo } = current;
-  const t = Number(els.slider.value);
-  els.sliderValue.textContent = t.toFixed(2);
-  // At the server's own threshold show the server's figures; elsewhere recompute from the map.
-  const judged = Math.abs(t - scan.threshold) < 1e-9 ? scan : assess(t);
+  const shown = Number(els.slider.value);
+  els.sliderValue.textContent = shown.toFixed(2);
+  // The slider moves in steps; on the step nearest the server's threshold (a scan threshold such as 0.7099
+  // lies between two) judge at that threshold itself and show the server's figures; elsewhere recompute.
+  const step = Number(els.slider.step) || 0.01;
+  const atServer = Math.abs(shown - scan.threshold) <= step / 2 + 1e-9;
+  const t = atServer ? scan.threshold : shown;
+  const judged = atServer ? scan : assess(t);
   const max = scan.max_probability;
 
   const ctx = els.canvas.getContext("2d");
