@@ -210,7 +210,6 @@ def test_hard_negatives_are_drawn_as_their_part_is_needed(tiny_dataset, tmp_path
     # shuffled order; the first part of view 0 must not wait for lines drawn on the other parts, and an
     # item's pixels are the same whichever call draws them.
     import numpy as np
-    import torch
 
     from crackscan.data import assign_groups, load_dataset, split_groups
     from crackscan.model import build_model
