@@ -45,6 +45,7 @@ import csv
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -131,7 +132,7 @@ def photo_verdicts(model: Any, files: dict[str, list[Path]], count: int, rng: np
     sweep = sorted({*SWEEP, model.threshold, model.scan_threshold})
     per_photo = []
     for index in range(count):
-        image, _, _ = build_mosaic(files, model.crack_class, rows, cols, 0.0, rng)
+        image, _, used = build_mosaic(files, model.crack_class, rows, cols, 0.0, rng)
         crack = None
         if index % 2:
             crack = (int(rng.integers(rows)), int(rng.integers(cols)))
@@ -143,10 +144,13 @@ def photo_verdicts(model: Any, files: dict[str, list[Path]], count: int, rng: np
         # A region's box holds the squares its cells own (a third of a patch); a cell whose patch reaches into
         # the crack tile may own a square up to a patch away from it: only regions beyond that are elsewhere.
         elsewhere = [r for r in result.regions if crack is None or not overlaps(r["box"], crack, TILE)]
+        # The crack-free tiles under those regions: what the false alarms are made of.
+        under = sorted({used[i][j].name for r in elsewhere for i in range(rows) for j in range(cols)
+                        if (i, j) != crack and overlaps(r["box"], (i, j))})
         per_photo.append({
             "crack_tile": list(crack) if crack else None, "verdict": result.label,
             "ok": result.verdict == (crack is not None), "crack_found": bool(on_crack) if crack else None,
-            "regions_elsewhere": len(elsewhere),
+            "regions_elsewhere": len(elsewhere), "tiles_under_regions_elsewhere": under,
             "max_probability": round(result.max_probability, 4), "flagged_fraction": round(result.flagged_fraction, 5),
             # The same map judged at other verdict thresholds: flagged at all, and the crack tile found.
             "sweep": {str(t): {"flagged": judged.verdict,
@@ -155,14 +159,25 @@ def photo_verdicts(model: Any, files: dict[str, list[Path]], count: int, rng: np
         })
         print(f"photo mosaic {index + 1}/{count}: {'one crack tile' if crack else 'crack-free'}, "
               f"{result.label}, max {result.max_probability:.3f}", flush=True)
+    from crackscan.evaluate import wilson
+
     free = [p for p in per_photo if p["crack_tile"] is None]
     cracked = [p for p in per_photo if p["crack_tile"] is not None]
+    flagged = sum(p["verdict"] == "crack" for p in free)
+    found = sum(bool(p["crack_found"]) for p in cracked)
     summary = {
         "photos": count, "grid": [cols, rows], "verdicts_right": sum(p["ok"] for p in per_photo),
-        "crack_free": len(free), "crack_free_flagged": sum(p["verdict"] == "crack" for p in free),
+        "crack_free": len(free), "crack_free_flagged": flagged,
+        # 95% Wilson intervals of the two rates (photos share tiles from one pool: read them as a guide)
+        "crack_free_flagged_ci": [round(float(v), 4) for v in wilson(flagged, len(free))],
         "crack_free_max_probability": max((p["max_probability"] for p in free), default=None),
-        "with_crack": len(cracked), "crack_found": sum(bool(p["crack_found"]) for p in cracked),
+        "with_crack": len(cracked), "crack_found": found,
+        "crack_found_ci": [round(float(v), 4) for v in wilson(found, len(cracked))],
         "regions_elsewhere": sum(p["regions_elsewhere"] for p in per_photo),
+        # Tiles most often under a region away from any crack tile, with the photos they were under: a few
+        # patches of the pool (mislabelled ones among them) can make most of the false alarms.
+        "tiles_most_under_false_regions": Counter(
+            name for p in per_photo for name in p["tiles_under_regions_elsewhere"]).most_common(8),
         "sweep": [{"threshold": t, "crack_free_flagged": sum(p["sweep"][str(t)]["flagged"] for p in free),
                    "crack_found": sum(bool(p["sweep"][str(t)]["crack_found"]) for p in cracked)} for t in sweep],
     }
@@ -294,8 +309,11 @@ def main() -> None:
     if verdicts:
         print(f"photo-sized mosaics ({verdicts['grid'][0]}x{verdicts['grid'][1]} tiles): {verdicts['verdicts_right']} of "
               f"{verdicts['photos']} verdicts right; crack-free flagged {verdicts['crack_free_flagged']} of "
-              f"{verdicts['crack_free']} (largest probability {verdicts['crack_free_max_probability']}); crack tile found "
-              f"{verdicts['crack_found']} of {verdicts['with_crack']}; regions elsewhere {verdicts['regions_elsewhere']}")
+              f"{verdicts['crack_free']} (95% CI {verdicts['crack_free_flagged_ci']}; largest probability "
+              f"{verdicts['crack_free_max_probability']}); crack tile found {verdicts['crack_found']} of "
+              f"{verdicts['with_crack']} (95% CI {verdicts['crack_found_ci']}); regions elsewhere {verdicts['regions_elsewhere']}")
+        print("  tiles most often under false regions (file, photos): " + ", ".join(
+            f"{name} {n}" for name, n in verdicts["tiles_most_under_false_regions"]))
         print("  at other verdict thresholds: " + "; ".join(
             f"{row['threshold']}: {row['crack_free_flagged']} flagged, {row['crack_found']} found" for row in verdicts["sweep"]))
     for photo in photos:
