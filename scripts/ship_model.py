@@ -114,7 +114,9 @@ def write_card(run: Path, scans: list[dict], data: Path, metrics: dict[str, dict
         f"{calibration['at_patch_threshold']['crack_free_flagged']} of {calibration['crack_free']} crack-free mosaics "
         f"were flagged and {calibration['at_patch_threshold']['crack_found']} of {calibration['with_crack']} crack tiles "
         f"found; at {meta['scan_threshold']:.2f}, {calibration['at_scan_threshold']['crack_free_flagged']} and "
-        f"{calibration['at_scan_threshold']['crack_found']}. `crackscan scan --threshold` changes it per scan.")
+        f"{calibration['at_scan_threshold']['crack_found']}: the photos it was chosen on, so these figures flatter it; "
+        f"the README's Results give the test split's (`benchmarks/mosaic.py --photo-mosaics 200`). "
+        f"`crackscan scan --threshold` changes it per scan.")
     with open(run / "split.csv") as handle:
         counts["train"] = sum(1 for line in handle if ",train," in line)
     c = m["confusion"]
