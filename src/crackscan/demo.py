@@ -36,15 +36,29 @@ def concrete_patch(rng: np.random.Generator, size: int, crack: bool) -> Image.Im
     return image
 
 
+def _photo_crack(draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: int, height: int, thickness: int) -> None:
+    """A long crack from top to bottom, jagged at every scale: short steps whose sideways drift wanders and whose
+    width varies. (Long straight strokes look like a drawn line, a cable or a joint, which the shipped model
+    was trained to pass: the photo would show nothing.)"""
+    x, y, drift = float(rng.uniform(0.3, 0.7) * width), 0.0, 0.0
+    tone = (int(rng.integers(20, 60)),) * 3
+    while y < height:
+        drift = 0.8 * drift + rng.normal(0, 6)
+        nx = float(np.clip(x + drift + rng.normal(0, 8), 0, width - 1))
+        ny = y + float(rng.uniform(12, 30))
+        draw.line([(x, y), (nx, ny)], fill=tone, width=max(2, int(round(thickness + rng.normal(0, 1.2)))))
+        x, y = nx, ny
+
+
 def concrete_photo(rng: np.random.Generator, width: int = 2016, height: int = 1512, crack: bool = True) -> Image.Image:
-    """A photo-sized concrete-like surface, with one long crack across its left half when ``crack``."""
+    """A photo-sized concrete-like surface, with one long crack down its left half when ``crack``."""
     small = rng.normal(170, 10, (height // 8, width // 8, 1))
     blotches = np.asarray(Image.fromarray(small[..., 0].astype(np.float32), "F").resize((width, height)))[..., None]
     pixels = np.clip(blotches + rng.normal(0, 10, (height, width, 1)) + rng.normal(0, 3, (height, width, 3)), 0, 255)
     image = Image.fromarray(pixels.astype(np.uint8), "RGB")
     if crack:
         region = image.crop((0, 0, width // 2, height))
-        _crack_line(ImageDraw.Draw(region), rng, width // 2, height, max(4, width // 300))
+        _photo_crack(ImageDraw.Draw(region), rng, width // 2, height, max(4, width // 300))
         image.paste(region, (0, 0))
     return image
 
