@@ -98,6 +98,8 @@ def test_calibration_with_the_shipped_model_finds_the_crack_tiles_and_passes_pla
     assert meta["at_scan_threshold"] == {"crack_free_flagged": 0, "crack_found": 2} and meta["photos"] == 4
     with pytest.raises(ValueError, match="crack and crack-free"):
         calibrate_scan(model, pixels, is_crack, np.arange(0, 12, 2), photos=4)
+    # At most two photos per crack patch: one crack patch among the rows, two photos however many are asked for.
+    assert calibrate_scan(model, pixels, is_crack, np.array([0, 1, 3, 5]), photos=50).photos == 2
 
 
 @pytest.fixture()

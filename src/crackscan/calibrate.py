@@ -46,6 +46,10 @@ class ScanCalibration:
     patch_threshold: float
     seconds: float
 
+    @property
+    def photos(self) -> int:
+        return int(len(self.crack_free_max) + len(self.crack_tile_max))
+
     def at(self, threshold: float) -> dict[str, int]:
         """Crack-free photos flagged and crack tiles found at ``threshold``."""
         return {"crack_free_flagged": int((self.crack_free_max >= threshold).sum()),
@@ -53,7 +57,7 @@ class ScanCalibration:
 
     def to_meta(self) -> dict[str, Any]:
         return {
-            "photos": int(len(self.crack_free_max) + len(self.crack_tile_max)),
+            "photos": self.photos,
             "crack_free": int(len(self.crack_free_max)),
             "with_crack": int(len(self.crack_tile_max)),
             "grid": list(GRID),
@@ -139,8 +143,9 @@ def calibrate_scan(
         pixels: Patches at the model's input size (N x S x S x 3 uint8), e.g. a dataset's.
         is_crack: Per row of ``pixels``, whether it is a crack patch.
         rows: The rows to build the photos from: the validation split's.
-        photos: How many photo-sized mosaics, half crack-free and half with one crack tile (each about as
-            long to scan as a 12-MP photo: 0.3 s on 2 cores).
+        photos: At most this many photo-sized mosaics, half crack-free and half with one crack tile, and
+            at most two per crack patch in ``rows`` (each about as long to scan as a 12-MP photo: 0.3 s on
+            2 cores).
         progress: Show a progress bar.
 
     Raises:
@@ -151,6 +156,7 @@ def calibrate_scan(
     cracks, negatives = rows[is_crack[rows]], rows[~is_crack[rows]]
     if not len(cracks) or not len(negatives):
         raise ValueError("calibrating the scan threshold needs crack and crack-free validation patches")
+    photos = min(photos, 2 * len(cracks))
     if photos < 2:
         raise ValueError(f"calibrating the scan threshold needs at least 2 photos, got {photos}")
     rng = np.random.default_rng(seed)

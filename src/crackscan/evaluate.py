@@ -232,14 +232,14 @@ def evaluate(
             raise DataError("--scan-mosaics needs --split RUN/split.csv so the threshold is chosen on validation data")
         from crackscan.calibrate import calibrate_scan, store
 
-        val, is_crack = dataset.indices("val"), dataset.labels() == dataset.crack_index
-        photos = min(scan_mosaics, 2 * int(is_crack[val].sum()))
         try:
-            calibration = calibrate_scan(model, dataset.pixels, is_crack, val, photos=photos, backend=backend,
+            calibration = calibrate_scan(model, dataset.pixels, dataset.labels() == dataset.crack_index,
+                                         dataset.indices("val"), photos=scan_mosaics, backend=backend,
                                          progress=not quiet, say=lambda *a: None if quiet else print(*a))
         except ValueError as err:
             raise DataError(f"{split_csv}: {err}") from None
-        store(model, calibration, f"{photos} photo-sized mosaics of the validation split of {Path(split_csv).name}")
+        store(model, calibration,
+              f"{calibration.photos} photo-sized mosaics of the validation split of {Path(split_csv).name}")
         model.save(model.path)
         if not quiet:
             print(f"scan threshold {calibration.threshold:.4f} saved in {model.path}")

@@ -745,17 +745,16 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     if config.scan_mosaics and len(val_idx):
         from crackscan.calibrate import calibrate_scan, store
 
-        is_crack = dataset.labels() == dataset.crack_index
-        photos = min(config.scan_mosaics, 2 * int(is_crack[val_idx].sum()))
         try:
-            calibration = calibrate_scan(crack_model, dataset.pixels, is_crack, val_idx, photos=photos,
-                                         seed=config.seed, progress=not config.quiet, say=say)
+            calibration = calibrate_scan(crack_model, dataset.pixels, dataset.labels() == dataset.crack_index,
+                                         val_idx, photos=config.scan_mosaics, seed=config.seed,
+                                         progress=not config.quiet, say=say)
         except KeyboardInterrupt:
             raise TrainingInterrupted(run_dir, trainer.saved_epochs, after_training=True) from None
         except ValueError as err:  # e.g. a validation split without crack-free patches
             warnings.warn(f"scan threshold not chosen ({err}); scans judge their maps at the patch threshold")
         else:
-            store(crack_model, calibration, f"{photos} photo-sized mosaics of the validation split")
+            store(crack_model, calibration, f"{calibration.photos} photo-sized mosaics of the validation split")
     metrics: dict[str, Any] = {}
     if len(test_idx):
         prob = crack_model.crack_probability(dataset.pixels[test_idx])
