@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import IMAGENET_WEIGHTS, make_dataset
 from crackscan.cli import main
@@ -267,3 +268,49 @@ def test_resumed_run_matches_an_uninterrupted_one(story, dataset, tmp_path):
         model = load_model(folder)
         assert not hasattr(model.module, "dense_head") and "dense_head" not in model.meta
         assert default_verify(model) == VERIFY_CROPS
+
+
+@pytest.fixture
+def unfinished_run(tmp_path) -> tuple[Path, Path]:
+    """A tiny run as if stopped after its last checkpoint (its model file back to the best epoch's), and its data."""
+    data = make_dataset(tmp_path / "data", per_class=20, size=64)
+    code = main(["train", str(data), "--out", str(tmp_path / "runs"), "--name", "r", "--weights", "none",
+                 "--input-size", "32", "--head-epochs", "1", "--finetune-epochs", "0", "--views", "1",
+                 "--run-length", "5", "--test-fraction", "0", "--dense-mosaics", "0", "--scan-mosaics", "0",
+                 "--quiet"])
+    assert code == 0
+    run_dir = tmp_path / "runs" / "r"
+    (run_dir / "model.safetensors").rename(run_dir / "best.safetensors")
+    return run_dir, data
+
+
+def resume_error(run_dir: Path, capsys) -> str:
+    code = main(["train", "--resume", str(run_dir), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_resume_refuses_changed_data_and_keeps_the_split_record(unfinished_run, capsys):
+    run_dir, data = unfinished_run
+    recorded = (run_dir / "split.csv").read_bytes()
+    first = sorted((data / "Positive").iterdir())[0]
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(data / "Positive" / "extra.jpg")
+    err = resume_error(run_dir, capsys)
+    assert "data changed since this run started" in err and "1 new (Positive/extra.jpg)" in err, err
+    (data / "Positive" / "extra.jpg").rename(first)  # same name, other pixels
+    err = resume_error(run_dir, capsys)
+    assert f"started (1 changed (Positive/{first.name}));" in err, err
+    assert (run_dir / "split.csv").read_bytes() == recorded
+
+
+def test_resume_from_a_damaged_checkpoint_or_config_is_a_clear_error(unfinished_run, capsys):
+    run_dir, _ = unfinished_run
+    config = (run_dir / "config.json").read_text()
+    (run_dir / "config.json").write_text(config[: len(config) // 2])
+    assert "configuration cannot be read" in resume_error(run_dir, capsys)
+    (run_dir / "config.json").write_text(config)
+    (run_dir / "checkpoint.safetensors").write_bytes(b"\x08" + b"\0" * 15)
+    assert "not a readable training checkpoint" in resume_error(run_dir, capsys)
+    atomic_save_tensors(run_dir / "checkpoint.safetensors", {"x": torch.ones(1)}, {META_KEY: json.dumps({"epoch": 1})})
+    assert "not a readable training checkpoint" in resume_error(run_dir, capsys)

@@ -343,6 +343,23 @@ def apply_split(dataset: Dataset, rows: Iterable[dict[str, str]]) -> None:
         s.group = row.get("group", "") if row else ""
 
 
+def split_changes(dataset: Dataset, rows: Iterable[dict[str, str]]) -> list[str]:
+    """How the data differs from a written split: files new to it, missing from the data, or changed (other
+    bytes or another class). Empty when the data is the data the split was written for."""
+    recorded = {r["file"]: r for r in rows}
+    current = {s.rel: s for s in dataset.samples}
+    changed = [rel for rel in current.keys() & recorded.keys()
+               if recorded[rel].get("sha1", current[rel].sha1) != current[rel].sha1
+               or recorded[rel].get("class") != dataset.classes[current[rel].label]]
+    out = []
+    for what, files in (("new", current.keys() - recorded.keys()), ("missing", recorded.keys() - current.keys()),
+                        ("changed", changed)):
+        if files:
+            shown = sorted(files)
+            out.append(f"{len(shown)} {what} ({', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''})")
+    return out
+
+
 def write_problems(dataset: Dataset, path: Path) -> None:
     """The skipped-files report: every file not used, with the reason."""
     with open(path, "w", newline="", encoding="utf-8") as handle:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import json
 import math
 import os
@@ -35,11 +36,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from crackscan.data import (
+    DataError,
     Dataset,
     apply_split,
     assign_groups,
     load_dataset,
     read_split,
+    split_changes,
     split_groups,
     write_problems,
     write_split,
@@ -48,6 +51,7 @@ from crackscan.model import (
     DEFAULT_UNFREEZE_FROM,
     META_KEY,
     CrackModel,
+    ModelError,
     atomic_save_tensors,
     build_model,
     load_pretrained_base,
@@ -267,12 +271,30 @@ def save_checkpoint(path: Path, model: nn.Module, opt, sched, progress: dict[str
     atomic_save_tensors(path, tensors, {META_KEY: json.dumps(doc)})
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors import safe_open
+#: What a checkpoint's progress record holds, besides the optimizer's and scheduler's state.
+_CHECKPOINT_FIELDS = ("history", "best_val_loss", "best_epoch", "phase", "epoch", "phase_epoch", "phase_done",
+                      "bad_epochs", "optimizer", "scheduler")
 
-    with safe_open(str(path), framework="pt") as handle:
-        doc = json.loads(handle.metadata()[META_KEY])
-    return load_file(str(path)), doc
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A checkpoint's tensors and progress record.
+
+    Raises:
+        ModelError: The file is damaged or not a crackscan checkpoint.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            doc = json.loads((handle.metadata() or {})[META_KEY])
+        tensors = load_file(str(path))
+        missing = [name for name in _CHECKPOINT_FIELDS if name not in doc]
+        if missing or not any(k.startswith("model.") for k in tensors):
+            raise ValueError(f"no {', '.join(missing) or 'model weights'}")
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as err:
+        raise ModelError(f"{path}: not a readable training checkpoint ({type(err).__name__}: {err}); "
+                         "this run cannot be resumed, start a new one") from None
+    return tensors, doc
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -641,7 +663,11 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         if (run_dir / MODEL).is_file():
             raise ValueError(f"{run_dir}: this run already finished ({MODEL} is there); nothing to resume")
         quiet = config.quiet
-        config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        try:
+            config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise DataError(f"{run_dir / 'config.json'}: the run's configuration cannot be read "
+                            f"({type(err).__name__}: {err}); this run cannot be resumed, start a new one") from None
         config.quiet = quiet
         checkpoint = read_checkpoint(run_dir / CHECKPOINT)
         # A kill during a save leaves the temporary file of the atomic write behind; it was never used.
@@ -661,12 +687,20 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     say(f"pretrained base: {weights_source}")
     dataset = load_dataset(config.data, config.input_size, crack_class=config.crack_class, quiet=config.quiet)
     if checkpoint is not None:
-        apply_split(dataset, read_split(run_dir / "split.csv"))
+        # The epochs so far were trained on the data split.csv records; resuming on other data would mix two
+        # datasets in one model and one split record, so a changed folder is refused, and the record kept.
+        recorded = read_split(run_dir / "split.csv")
+        changes = split_changes(dataset, recorded)
+        if changes:
+            raise DataError(f"{config.data}: the data changed since this run started ({'; '.join(changes)}); "
+                            "resume with the data it started with, or start a new run")
+        apply_split(dataset, recorded)
         grouping = "reused split.csv"
+        split_hash = hashlib.sha256((run_dir / "split.csv").read_bytes()).hexdigest()
     else:
         grouping = assign_groups(dataset, config.manifest, config.run_length)
         split_groups(dataset, config.val_fraction, config.test_fraction, config.seed)
-    split_hash = write_split(dataset, run_dir / "split.csv")
+        split_hash = write_split(dataset, run_dir / "split.csv")
     write_problems(dataset, run_dir / "skipped.csv")
     counts = {s: len(dataset.indices(s)) for s in ("train", "val", "test")}
     say(
@@ -676,8 +710,6 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     if dataset.problems:
         say(f"skipped files are listed in {run_dir / 'skipped.csv'}")
     if counts["train"] == 0 or counts["val"] == 0:
-        from crackscan.data import DataError
-
         raise DataError("the split left no training or validation images; add data or change the fractions")
 
 
