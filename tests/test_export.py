@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import onnx
@@ -196,8 +198,14 @@ def test_whole_image_graph_is_cached_beside_the_patch_graph(tiny_model_path, tmp
 
 
 def test_export_cli(tiny_model_path, tmp_path, capsys):
-    code = main(["export", str(tiny_model_path), "--format", "onnx", "-o", str(tmp_path / "cli.onnx")])
+    old = os.umask(0o022)
+    try:
+        code = main(["export", str(tiny_model_path), "--format", "onnx", "-o", str(tmp_path / "cli.onnx")])
+    finally:
+        os.umask(old)
     assert code == 0
+    # Written as any new file is (not private, 0600): a service running as another user can load it.
+    assert stat.S_IMODE((tmp_path / "cli.onnx").stat().st_mode) == 0o644
     report = json.loads(capsys.readouterr().out)
     assert report["path"] == str(tmp_path / "cli.onnx") and report["max_abs_logit_diff"] < 1e-3
     assert OnnxRunner.from_file(tmp_path / "cli.onnx").meta == load_model(tiny_model_path).meta

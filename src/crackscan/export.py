@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crackscan.images import ImageError, ImageSource, describe, load_patch
-from crackscan.model import META_KEY, CrackModel, ModelError, _check_meta, softmax
+from crackscan.model import META_KEY, CrackModel, ModelError, _check_meta, atomic_write, softmax
 from crackscan.runtime import cpu_count
 
 OPSET = 17
@@ -248,15 +248,8 @@ def _session(source: bytes | str, memory_pattern: bool = True):
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` through :func:`crackscan.model.atomic_write`: readers never see half a file."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def cache_dir() -> Path:

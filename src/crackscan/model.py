@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -351,14 +351,15 @@ def make_meta(
     return meta
 
 
-def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """save_file to a temporary file in the same folder, fsync, then rename: never a half-written file."""
+def atomic_write(path: str | os.PathLike, fill: Callable[[str], None]) -> Path:
+    """Have ``fill`` write a temporary file in ``path``'s folder, fsync it, then rename it to ``path``: readers
+    never see half a file, and a failed write leaves the previous file as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        fill(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         # mkstemp makes the file private (0600) and the rename keeps that; give it the mode any new file gets.
@@ -370,6 +371,12 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """save_file through :func:`atomic_write`: never a half-written file."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_model(path: str | os.PathLike, module: nn.Module, meta: dict[str, Any]) -> Path:
