@@ -240,3 +240,6 @@ def test_exported_files_are_models_for_predict_and_evaluate(model, patches, fp32
     # Choosing a scan threshold scans too: said at once, before the data is read (none is there to read).
     assert main(["evaluate", str(path), str(tmp_path / "absent"), "--split", "s.csv", "--scan-mosaics", "4"]) == 2
     assert "choosing a scan threshold needs the PyTorch model" in capsys.readouterr().err
+    # So does a threshold saved in the model: an ONNX file is not rewritten.
+    assert main(["evaluate", str(path), str(tmp_path / "absent"), "--split", "s.csv", "--target-recall", "0.9"]) == 2
+    assert "saving a threshold in the model needs the PyTorch model" in capsys.readouterr().err

@@ -288,3 +288,47 @@ def test_a_failed_dense_head_fit_keeps_the_trained_model(tiny_dataset, tmp_path,
         assert _tiny_train(tiny_dataset, tmp_path) == 0
     model = load_model(tmp_path / "r")
     assert model.dense_head is None and "dense_head" not in model.meta
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input-size", "16"], "input size must lie in 32..1024 px, got 16"),
+    (["--input-size", "2048"], "input size must lie in 32..1024 px, got 2048"),
+    (["--head-epochs", "0", "--finetune-epochs", "0"], "nothing to train"),
+])
+def test_settings_that_cannot_make_a_model_are_refused_before_training(tiny_dataset, tmp_path, capsys, args, message):
+    code = main(["train", str(tiny_dataset), "--out", str(tmp_path), "--name", "r", "--weights", "none", "--quiet", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_whose_loss_is_never_finite_says_so(tiny_dataset, tmp_path, capsys):
+    # A learning rate this large sends the head's weights and the validation loss to inf/NaN in the first steps.
+    code = _tiny_train(tiny_dataset, tmp_path, "--head-lr", "1e30", "--dense-mosaics", "0", "--scan-mosaics", "0")
+    err = capsys.readouterr().err
+    assert code == 2 and "no epoch reached a finite validation loss" in err and "--head-lr" in err, err
+    assert (tmp_path / "r" / "history.csv").is_file() and not (tmp_path / "r" / "model.safetensors").exists()
+
+
+def test_evaluate_finds_the_crack_folder_of_data_named_otherwise(trained_run, tiny_dataset, tmp_path, capsys):
+    model = str(trained_run / "model.safetensors")
+    for theirs, ours in (("cracked", "Positive"), ("intact", "Negative")):
+        (tmp_path / "d").mkdir(exist_ok=True)
+        (tmp_path / "d" / theirs).symlink_to(tiny_dataset / ours)
+    out = ["--out", str(tmp_path / "ev"), "--quiet"]
+    reference = ["--out", str(tmp_path / "ref"), "--quiet"]
+    assert main(["evaluate", model, str(tiny_dataset), *reference]) == 0
+    # "cracked" is recognised as the crack class by its name, as in training.
+    assert main(["evaluate", model, str(tmp_path / "d"), *out]) == 0
+    same = json.loads((tmp_path / "ev" / "metrics.json").read_text())["confusion"]
+    assert same == json.loads((tmp_path / "ref" / "metrics.json").read_text())["confusion"]
+    # Named with --crack-class when the name says nothing: the wrong folder as crack turns the confusion over.
+    (tmp_path / "d" / "cracked").rename(tmp_path / "d" / "a")
+    capsys.readouterr()
+    assert main(["evaluate", model, str(tmp_path / "d"), *out]) == 2
+    assert "--crack-class" in capsys.readouterr().err
+    assert main(["evaluate", model, str(tmp_path / "d"), "--crack-class", "a", *out]) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["confusion"] == same
+    assert main(["evaluate", model, str(tmp_path / "d"), "--crack-class", "intact", *out]) == 0
+    flipped = json.loads((tmp_path / "ev" / "metrics.json").read_text())["confusion"]
+    assert (flipped["tp"], flipped["tn"], flipped["fp"]) == (same["fp"], same["fn"], same["tp"])

@@ -76,14 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--input-size", type=_positive_int, default=96,
                    help="network input size in pixels (default: 96; see benchmarks/input_size.py)")
     t.add_argument("--batch-size", type=_positive_int, default=64)
-    t.add_argument("--head-epochs", type=int, default=10, help="phase 1 epochs, base frozen (default: 10)")
-    t.add_argument("--finetune-epochs", type=int, default=4, help="phase 2 epochs, upper base fine-tuned (default: 4)")
+    t.add_argument("--head-epochs", type=_non_negative_int, default=10, help="phase 1 epochs, base frozen (default: 10)")
+    t.add_argument("--finetune-epochs", type=_non_negative_int, default=4, help="phase 2 epochs, upper base fine-tuned (default: 4)")
     t.add_argument("--head-lr", type=float, default=3e-3, help="phase 1 learning rate (default: 3e-3)")
     t.add_argument("--finetune-lr", type=float, default=2e-4)
     t.add_argument("--unfreeze-from", type=int, default=14, help="first features[] block fine-tuned in phase 2")
     t.add_argument("--batchnorm", choices=("frozen", "train"), default="frozen",
                    help="BatchNorm statistics of fine-tuned blocks: keep ImageNet's (frozen) or update them")
-    t.add_argument("--views", type=_positive_int, default=2, help="augmented views cached per training image")
+    t.add_argument("--views", type=_positive_int, default=2,
+                   help="views cached per training image: the image itself, then augmented ones (default: 2)")
     t.add_argument("--hard-negatives", type=float, default=0.3, metavar="FRACTION",
                    help="add this fraction of the training negatives again with drawn cables, straight or ragged "
                         "edges and joints, labelled no crack (default 0.3; 0 turns it off)")
@@ -114,13 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="score a model on labelled images, with confidence intervals and plots")
     e.add_argument("model", help="model file (.safetensors) or run folder")
     e.add_argument("data", help="folder with one subfolder per class")
-    e.add_argument("--split", metavar="SPLIT_CSV", help="a run's split.csv: score only its test rows")
+    e.add_argument("--split", metavar="SPLIT_CSV", help="a run's split.csv: score only its --subset rows (test)")
     e.add_argument("--subset", default="test", choices=("train", "val", "test"), help="rows of --split to score")
     e.add_argument("--target-recall", type=_probability,
                    help="pick the threshold reaching this recall on --split's validation rows; saved in the model")
     e.add_argument("--scan-mosaics", type=_non_negative_int, default=0, metavar="N",
                    help="choose the scan's verdict threshold on up to N photo-sized mosaics of --split's validation "
                         "rows (200 as in training); saved in the model")
+    e.add_argument("--crack-class", help="name of the crack class folder in DATA (default: the model's crack class "
+                                         "when DATA has a folder of that name, else recognised: Positive, crack...)")
     e.add_argument("--out", help="report folder (default: MODEL_DIR/eval-DATA)")
     e.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
     e.add_argument("--quiet", action="store_true")
@@ -258,7 +261,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     base = model_path if model_path.is_dir() else model_path.parent
     out = Path(args.out) if args.out else base / f"eval-{Path(args.data).name or 'data'}"
     metrics = evaluate(args.model, args.data, out, split_csv=args.split, split=args.subset,
-                       target_recall=args.target_recall, scan_mosaics=args.scan_mosaics, backend=args.backend,
+                       target_recall=args.target_recall, scan_mosaics=args.scan_mosaics,
+                       crack_class=args.crack_class, backend=args.backend,
                        quiet=args.quiet)
     for name in ("accuracy", "precision", "recall"):
         lo, hi = metrics[f"{name}_ci"]

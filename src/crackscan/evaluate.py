@@ -173,6 +173,7 @@ def evaluate(
     split: str = "test",
     target_recall: float | None = None,
     scan_mosaics: int = 0,
+    crack_class: str | None = None,
     backend: str = "auto",
     quiet: bool = False,
 ) -> dict[str, Any]:
@@ -189,15 +190,23 @@ def evaluate(
         scan_mosaics: Choose the scan's verdict threshold on up to this many photo-sized mosaics of the
             validation rows of ``split_csv`` (:mod:`crackscan.calibrate`; after ``target_recall``, whose
             threshold is its floor) and store it in the model file; needs ``split_csv``.
+        crack_class: The crack class's folder in ``data``. By default the folder named as the model's crack
+            class, else the one recognised as a crack class by its name (``crackscan.data.CRACK_NAMES``).
         backend: Inference backend (see :meth:`crackscan.model.CrackModel.crack_probability`).
     """
     from crackscan.data import DataError, apply_split, load_dataset, read_split
     from crackscan.model import load_model
 
     model = load_model(model_path)
+    # An ONNX file can neither scan nor be saved: say so before loading the data.
     if scan_mosaics:
-        model.network("choosing a scan threshold")  # an ONNX file cannot scan: say so before loading the data
-    dataset = load_dataset(data, model.input_size, crack_class=model.crack_class, quiet=quiet)
+        model.network("choosing a scan threshold")
+    if target_recall is not None:
+        model.network("saving a threshold in the model")
+    if crack_class is None:
+        folders = {p.name.lower() for p in Path(data).iterdir() if p.is_dir()} if Path(data).is_dir() else set()
+        crack_class = model.crack_class if model.crack_class.lower() in folders else None
+    dataset = load_dataset(data, model.input_size, crack_class=crack_class, quiet=quiet)
     if split_csv is not None:
         apply_split(dataset, read_split(split_csv))
         idx = dataset.indices(split)
@@ -205,9 +214,6 @@ def evaluate(
             raise DataError(f"{split_csv}: no '{split}' rows match files under {data}")
     else:
         idx = np.arange(len(dataset.samples))
-    positive = dataset.classes[dataset.crack_index]
-    if positive != model.crack_class:
-        raise DataError(f"the data's crack class {positive!r} differs from the model's {model.crack_class!r}")
     if target_recall is not None:
         if split_csv is None:
             raise DataError("--target-recall needs --split RUN/split.csv so the threshold is chosen on validation data")

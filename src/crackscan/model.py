@@ -47,6 +47,10 @@ class ModelError(ValueError):
     """A model file that cannot be used, or weights that cannot be had; the message says what to do."""
 
 
+#: Network input sizes a model file may have (MobileNetV2 needs 32 px for its five stride-2 stages).
+INPUT_SIZES = range(32, 1025)
+
+
 def build_model(num_classes: int = 2, dropout: float = 0.2, dense_head: int = 0) -> nn.Module:
     """torchvision MobileNetV2 with a new head (dropout + linear), randomly initialised.
 
@@ -430,8 +434,8 @@ def _check_meta(path: str, meta: dict[str, Any]) -> None:
         raise ModelError(f"{path}: metadata must name at least two classes")
     if not 0 <= crack_index < len(classes):
         raise ModelError(f"{path}: crack_index {meta['crack_index']} is outside the {len(classes)} classes")
-    if not 32 <= size <= 1024:
-        raise ModelError(f"{path}: input_size {size} is outside 32..1024")
+    if size not in INPUT_SIZES:
+        raise ModelError(f"{path}: input_size {size} is outside {INPUT_SIZES.start}..{INPUT_SIZES.stop - 1}")
     if not 0.0 <= threshold <= 1.0:
         raise ModelError(f"{path}: threshold must lie in [0, 1]")
     if not 0.0 <= scan_threshold <= 1.0:

@@ -49,6 +49,7 @@ from crackscan.data import (
 )
 from crackscan.model import (
     DEFAULT_UNFREEZE_FROM,
+    INPUT_SIZES,
     META_KEY,
     CrackModel,
     ModelError,
@@ -655,6 +656,12 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     from crackscan.evaluate import compute_metrics, threshold_for_recall, write_report
 
     started = time.perf_counter()
+    if config.input_size not in INPUT_SIZES:  # before minutes of training that would end in an unloadable model
+        raise ValueError(f"input size must lie in {INPUT_SIZES.start}..{INPUT_SIZES.stop - 1} px, "
+                         f"got {config.input_size}")
+    if min(config.head_epochs, config.finetune_epochs) < 0 or config.head_epochs + config.finetune_epochs < 1:
+        raise ValueError(f"nothing to train: head epochs {config.head_epochs}, fine-tuning epochs "
+                         f"{config.finetune_epochs} (each 0 or more, together at least 1)")
     checkpoint = None
     if resume is not None:
         run_dir = Path(resume)
@@ -716,103 +723,109 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(run_dir / "tensorboard"))
-    trainer = Trainer(config, run_dir, model, dataset, writer, started=started)
-    trainer.build_caches()
-    extra = f" (+{trainer.n_hard_negatives} drawn hard negatives)" if trainer.n_hard_negatives else ""
-    say(f"cached base activations for {counts['val']} validation and {counts['train']}{extra} training images "
-        f"in {trainer.cache_seconds:.1f}s; {trainer.n_views - 1} augmented view(s) follow during training")
+    # Closed however the run ends (finished, interrupted, failed), so TensorBoard gets every scalar written.
     try:
-        trainer.fit(resume=checkpoint)
-    except KeyboardInterrupt:
-        # Ctrl-C outside an epoch's batches (validation, checkpoint writing): the last checkpoint stands.
-        raise TrainingInterrupted(run_dir, trainer.saved_epochs) from None
-    # Written after training (a few seconds of plotting the first epoch need not wait for), and by
-    # whichever part of a resumed run finishes. Niceties: a failure here must not cost the model file.
-    try:
-        plots.augmentation_grid(trainer.sample_views, run_dir / "augmentations.png")
-        writer.add_images("augmented_samples", torch.from_numpy(trainer.sample_views).permute(0, 3, 1, 2), 0)
-    except Exception as err:
-        warnings.warn(f"augmentation samples not written ({type(err).__name__}: {err})")
-    best = load_file(str(run_dir / "best.safetensors"))
-    try:
-        _describe_architecture(model, config, run_dir, writer)
-    except Exception as err:
-        warnings.warn(f"architecture summary not written ({type(err).__name__}: {err})")
-    model.load_state_dict(best)
-    model.eval()
-
-    # Final evaluation with the whole network on full pixels: the same path predict uses.
-    meta = make_meta(
-        classes=dataset.classes,
-        crack_index=dataset.crack_index,
-        input_size=config.input_size,
-        dropout=config.dropout,
-        training=config.to_dict(),
-        pretrained=weights_source,
-        split_sha256=split_hash,
-        grouping=grouping,
-        best_epoch=trainer.best_epoch,
-    )
-    crack_model = CrackModel(module=model.to(memory_format=torch.channels_last), meta=meta)
-    val_idx, test_idx = dataset.indices("val"), dataset.indices("test")
-    if config.target_recall is not None:
-        val_prob = crack_model.crack_probability(dataset.pixels[val_idx])
-        y_val = (dataset.labels(val_idx) == dataset.crack_index).astype(int)
-        meta["threshold"] = threshold_for_recall(y_val, val_prob, config.target_recall)
-        meta["threshold_source"] = f"validation split, target recall {config.target_recall}"
-    if config.dense_mosaics:
-        from crackscan.dense_head import attach, fit_dense_head
-
+        trainer = Trainer(config, run_dir, model, dataset, writer, started=started)
+        trainer.build_caches()
+        extra = f" (+{trainer.n_hard_negatives} drawn hard negatives)" if trainer.n_hard_negatives else ""
+        say(f"cached base activations for {counts['val']} validation and {counts['train']}{extra} training images "
+            f"in {trainer.cache_seconds:.1f}s; {trainer.n_views - 1} augmented view(s) follow during training")
         try:
-            fit = fit_dense_head(crack_model, dataset.pixels, dataset.indices("train"), val_idx,
-                                 mosaics=config.dense_mosaics, seed=config.seed, say=say)
+            trainer.fit(resume=checkpoint)
         except KeyboardInterrupt:
-            raise TrainingInterrupted(run_dir, trainer.saved_epochs, after_training=True) from None
-        except Exception as err:  # the trained classifier is worth more than its scan head: keep it
-            warnings.warn(f"dense head not fitted ({type(err).__name__}: {err}); scans with this model "
-                          "average the classifier's head and verify the borders with crops")
-        else:
-            attach(model, fit)
-            meta["dense_head"] = fit.to_meta()
-    if config.scan_mosaics and len(val_idx):
-        from crackscan.calibrate import calibrate_scan, store
-
+            # Ctrl-C outside an epoch's batches (validation, checkpoint writing): the last checkpoint stands.
+            raise TrainingInterrupted(run_dir, trainer.saved_epochs) from None
+        # Written after training (a few seconds of plotting the first epoch need not wait for), and by
+        # whichever part of a resumed run finishes. Niceties: a failure here must not cost the model file.
         try:
-            calibration = calibrate_scan(crack_model, dataset.pixels, dataset.labels() == dataset.crack_index,
-                                         val_idx, photos=config.scan_mosaics, seed=config.seed,
-                                         progress=not config.quiet, say=say)
-        except KeyboardInterrupt:
-            raise TrainingInterrupted(run_dir, trainer.saved_epochs, after_training=True) from None
-        except ValueError as err:  # e.g. a validation split without crack-free patches
-            warnings.warn(f"scan threshold not chosen ({err}); scans judge their maps at the patch threshold")
-        else:
-            store(crack_model, calibration, f"{calibration.photos} photo-sized mosaics of the validation split")
-    metrics: dict[str, Any] = {}
-    if len(test_idx):
-        prob = crack_model.crack_probability(dataset.pixels[test_idx])
-        y = (dataset.labels(test_idx) == dataset.crack_index).astype(int)
-        groups = [dataset.samples[i].group for i in test_idx]
-        files = [dataset.samples[i].rel for i in test_idx]
-        metrics = compute_metrics(y, prob, meta["threshold"], groups=groups)
-        write_report(run_dir / "test", metrics, y, prob, files, dataset.pixels[test_idx], dataset.classes, dataset.crack_index)
-        plots.prediction_grid(dataset.pixels[test_idx], y, prob, meta["threshold"], files, dataset.classes, dataset.crack_index, run_dir / "predictions.png")
-        writer.add_hparams({"input_size": config.input_size}, {"hparam/test_accuracy": metrics["accuracy"]})
-    meta["metrics"] = {"test": metrics, "val_loss": trainer.best_val_loss}
-    meta["train_seconds"] = round(time.perf_counter() - started, 1)
-    model_path = save_model(run_dir / MODEL, model, meta)
-    (run_dir / "model.json").write_text(json.dumps(meta, indent=2))
-    (run_dir / "best.safetensors").unlink(missing_ok=True)
-    plots.training_curves(trainer.history, run_dir / "curves.png")
-    writer.close()
-    if metrics:
-        say(
-            f"test: accuracy {metrics['accuracy']:.4f} [{metrics['accuracy_ci'][0]:.4f}, {metrics['accuracy_ci'][1]:.4f}]"
-            f", recall {metrics['recall']:.4f}, precision {metrics['precision']:.4f} on {metrics['n']} images"
+            plots.augmentation_grid(trainer.sample_views, run_dir / "augmentations.png")
+            writer.add_images("augmented_samples", torch.from_numpy(trainer.sample_views).permute(0, 3, 1, 2), 0)
+        except Exception as err:
+            warnings.warn(f"augmentation samples not written ({type(err).__name__}: {err})")
+        if not (run_dir / "best.safetensors").is_file():  # every validation loss was NaN (NaN < best is False)
+            raise ModelError(f"{run_dir}: no epoch reached a finite validation loss, so there is no model to keep; "
+                             "train again with lower learning rates (--head-lr, --finetune-lr)")
+        best = load_file(str(run_dir / "best.safetensors"))
+        try:
+            _describe_architecture(model, config, run_dir, writer)
+        except Exception as err:
+            warnings.warn(f"architecture summary not written ({type(err).__name__}: {err})")
+        model.load_state_dict(best)
+        model.eval()
+
+        # Final evaluation with the whole network on full pixels: the same path predict uses.
+        meta = make_meta(
+            classes=dataset.classes,
+            crack_index=dataset.crack_index,
+            input_size=config.input_size,
+            dropout=config.dropout,
+            training=config.to_dict(),
+            pretrained=weights_source,
+            split_sha256=split_hash,
+            grouping=grouping,
+            best_epoch=trainer.best_epoch,
         )
-    say(f"done in {time.perf_counter() - started:.0f}s. model: {model_path}")
-    say(f"curves: {run_dir / 'curves.png'}  |  tensorboard --logdir {run_dir / 'tensorboard'}")
-    return TrainResult(run_dir=run_dir, model_path=model_path, metrics=metrics, history=trainer.history,
-                       skipped=[f"{p.file}: {p.reason}" for p in dataset.problems])
+        crack_model = CrackModel(module=model.to(memory_format=torch.channels_last), meta=meta)
+        val_idx, test_idx = dataset.indices("val"), dataset.indices("test")
+        if config.target_recall is not None:
+            val_prob = crack_model.crack_probability(dataset.pixels[val_idx])
+            y_val = (dataset.labels(val_idx) == dataset.crack_index).astype(int)
+            meta["threshold"] = threshold_for_recall(y_val, val_prob, config.target_recall)
+            meta["threshold_source"] = f"validation split, target recall {config.target_recall}"
+        if config.dense_mosaics:
+            from crackscan.dense_head import attach, fit_dense_head
+
+            try:
+                fit = fit_dense_head(crack_model, dataset.pixels, dataset.indices("train"), val_idx,
+                                     mosaics=config.dense_mosaics, seed=config.seed, say=say)
+            except KeyboardInterrupt:
+                raise TrainingInterrupted(run_dir, trainer.saved_epochs, after_training=True) from None
+            except Exception as err:  # the trained classifier is worth more than its scan head: keep it
+                warnings.warn(f"dense head not fitted ({type(err).__name__}: {err}); scans with this model "
+                              "average the classifier's head and verify the borders with crops")
+            else:
+                attach(model, fit)
+                meta["dense_head"] = fit.to_meta()
+        if config.scan_mosaics and len(val_idx):
+            from crackscan.calibrate import calibrate_scan, store
+
+            try:
+                calibration = calibrate_scan(crack_model, dataset.pixels, dataset.labels() == dataset.crack_index,
+                                             val_idx, photos=config.scan_mosaics, seed=config.seed,
+                                             progress=not config.quiet, say=say)
+            except KeyboardInterrupt:
+                raise TrainingInterrupted(run_dir, trainer.saved_epochs, after_training=True) from None
+            except ValueError as err:  # e.g. a validation split without crack-free patches
+                warnings.warn(f"scan threshold not chosen ({err}); scans judge their maps at the patch threshold")
+            else:
+                store(crack_model, calibration, f"{calibration.photos} photo-sized mosaics of the validation split")
+        metrics: dict[str, Any] = {}
+        if len(test_idx):
+            prob = crack_model.crack_probability(dataset.pixels[test_idx])
+            y = (dataset.labels(test_idx) == dataset.crack_index).astype(int)
+            groups = [dataset.samples[i].group for i in test_idx]
+            files = [dataset.samples[i].rel for i in test_idx]
+            metrics = compute_metrics(y, prob, meta["threshold"], groups=groups)
+            write_report(run_dir / "test", metrics, y, prob, files, dataset.pixels[test_idx], dataset.classes, dataset.crack_index)
+            plots.prediction_grid(dataset.pixels[test_idx], y, prob, meta["threshold"], files, dataset.classes, dataset.crack_index, run_dir / "predictions.png")
+            writer.add_hparams({"input_size": config.input_size}, {"hparam/test_accuracy": metrics["accuracy"]})
+        meta["metrics"] = {"test": metrics, "val_loss": trainer.best_val_loss}
+        meta["train_seconds"] = round(time.perf_counter() - started, 1)
+        model_path = save_model(run_dir / MODEL, model, meta)
+        (run_dir / "model.json").write_text(json.dumps(meta, indent=2))
+        (run_dir / "best.safetensors").unlink(missing_ok=True)
+        plots.training_curves(trainer.history, run_dir / "curves.png")
+        if metrics:
+            say(
+                f"test: accuracy {metrics['accuracy']:.4f} [{metrics['accuracy_ci'][0]:.4f}, {metrics['accuracy_ci'][1]:.4f}]"
+                f", recall {metrics['recall']:.4f}, precision {metrics['precision']:.4f} on {metrics['n']} images"
+            )
+        say(f"done in {time.perf_counter() - started:.0f}s. model: {model_path}")
+        say(f"curves: {run_dir / 'curves.png'}  |  tensorboard --logdir {run_dir / 'tensorboard'}")
+        return TrainResult(run_dir=run_dir, model_path=model_path, metrics=metrics, history=trainer.history,
+                           skipped=[f"{p.file}: {p.reason}" for p in dataset.problems])
+    finally:
+        writer.close()
 
 
 def _describe_architecture(model: nn.Module, config: TrainConfig, run_dir: Path, writer) -> None:
