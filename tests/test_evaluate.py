@@ -59,6 +59,16 @@ def test_threshold_reaches_the_target_recall(target):
         assert ((prob >= t2) & (y == 1)).sum() / y.sum() < target
 
 
+@pytest.mark.parametrize("target", [0.07, 0.29, 0.57, 0.58])
+def test_threshold_for_recall_is_the_highest_reaching_it_despite_rounding(target):
+    # 100 positives scoring 1.00, 0.99, ...: recall target*100 is reached first at the (target*100)-th score.
+    # (target * 100 is not exact in floating point for these: 7.000000000000001, 28.999999999999996, ...)
+    prob = np.linspace(1.0, 0.01, 100)
+    k = round(target * 100)
+    threshold = threshold_for_recall(np.ones(100, int), prob, target)
+    assert threshold == prob[k - 1] and (prob >= threshold).sum() == k
+
+
 def test_threshold_needs_positives():
     with pytest.raises(ValueError, match="no crack images"):
         threshold_for_recall(np.zeros(5), np.linspace(0, 1, 5), 0.9)

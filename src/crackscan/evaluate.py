@@ -125,7 +125,9 @@ def threshold_for_recall(y: np.ndarray, prob: np.ndarray, target: float) -> floa
     positives = np.sort(np.asarray(prob)[y == 1])[::-1]
     if len(positives) == 0:
         raise ValueError("no crack images in the validation data: cannot choose a threshold for recall")
-    k = int(np.ceil(target * len(positives)))  # this many positives must score >= threshold
+    # This many positives must score >= threshold; the product's rounding error (0.07 * 100 is 7.000000000000001)
+    # must not ask for one more.
+    k = max(1, int(np.ceil(target * len(positives) - 1e-9)))
     return float(positives[k - 1])
 
 
