@@ -178,6 +178,21 @@ def test_whole_onnx_pass_equals_the_tiled_pytorch_pass(tiny_model, size):
     assert model.module not in _WHOLE_PASS
 
 
+def test_onnx_graphs_follow_weights_changed_after_a_scan(tiny_model, tmp_path):
+    # A library user fine-tuning a loaded model between scans gets maps of the new weights, on every backend.
+    path = grid_photo(tmp_path / "grid.jpg", [[False, True, False, True], [True, False, False, False]])
+    model = _own_copy(tiny_model)
+    before = scan_photo(model, path, backend="onnx")
+    crops_before = scan_photo(model, path, method="crops", backend="onnx")
+    with torch.no_grad():
+        model.module.features[-1][0].weight.mul_(-1)  # in place: the same tensors, other values
+    for method, old in (("dense", before), ("crops", crops_before)):
+        onnx_map = scan_photo(model, path, method=method, backend="onnx").probability  # first: a torch scan of
+        torch_map = scan_photo(model, path, method=method, backend="torch").probability  # the photo drops sessions
+        np.testing.assert_allclose(onnx_map, torch_map, atol=1e-4, err_msg=method)
+        assert not np.allclose(onnx_map, old.probability, atol=0.05), method
+
+
 def test_default_scan_runs_one_onnx_pass_with_the_same_map(tiny_model, tmp_path):
     path = grid_photo(tmp_path / "grid.jpg", [[False, True, False, True], [True, False, False, False]])
     in_torch = _own_copy(tiny_model)

@@ -74,7 +74,7 @@ from crackscan.images import (
     oriented_size,
     read_source,
 )
-from crackscan.model import INFERENCE_CHUNK, CrackModel, dense_kernel, resolve_backend
+from crackscan.model import INFERENCE_CHUNK, CrackModel, dense_kernel, resolve_backend, weights_version
 
 #: Side of the dataset's patches in photo pixels (227-px crops of 4032x3024 photos): the default scale.
 PATCH_SIZE = 227
@@ -485,7 +485,9 @@ def cell_logits(model: CrackModel, pixels: np.ndarray, *, max_values: int = TILE
 #: photo, measured), so this caps it near 0.5 GB; larger photos take the tiled PyTorch pass.
 WHOLE_PASS_PIXELS = 2_600_000
 
-_WHOLE_PASS: "weakref.WeakKeyDictionary[nn.Module, Callable[[np.ndarray], np.ndarray]]" = weakref.WeakKeyDictionary()
+#: Per network: its whole-image ONNX graph's runner, and the weights_version it was exported from.
+_WHOLE_PASS: "weakref.WeakKeyDictionary[nn.Module, tuple[Callable[[np.ndarray], np.ndarray], tuple]]" = (
+    weakref.WeakKeyDictionary())
 
 
 def dense_logits(model: CrackModel, pixels: np.ndarray, backend: str = "auto", *,
@@ -495,11 +497,13 @@ def dense_logits(model: CrackModel, pixels: np.ndarray, backend: str = "auto", *
     The two agree to float rounding (``tests/test_scan.py``)."""
     network = model.network("scan")
     if resolve_backend(backend) == "onnx" and pixels.shape[0] * pixels.shape[1] <= whole_pass_pixels:
-        run = _WHOLE_PASS.get(network)
-        if run is None:
+        version = weights_version(network)
+        run, made_from = _WHOLE_PASS.get(network, (None, None))
+        if run is None or made_from != version:  # exported again when the weights changed since
             from crackscan.export import cell_logits_runner
 
-            run = _WHOLE_PASS[network] = cell_logits_runner(model)
+            run = cell_logits_runner(model)
+            _WHOLE_PASS[network] = run, version
         return torch.from_numpy(run(pixels))
     # ONNX Runtime keeps a pass's memory pooled in its session for the next one; a photo too large for a
     # pass lets that session go first, so that the tiled pass's bound holds in a long-lived process too.
