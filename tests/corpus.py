@@ -95,14 +95,18 @@ def jpeg_bomb(side: int = BOMB_SIDE) -> bytes:
     return bytes(data)
 
 
+def _dark_left_edge() -> Image.Image:
+    """Noise stored 40x24 with a dark left edge, so that a rotation's direction shows."""
+    pixels = _noise(EXIF_STORED_SIZE, 2)
+    pixels[:, :8] = 0
+    return Image.fromarray(pixels)
+
+
 def exif_rotated_jpeg() -> bytes:
     """A JPEG stored 40x24 with EXIF orientation 6 (rotate 90 degrees clockwise to view)."""
-    pixels = _noise(EXIF_STORED_SIZE, 2)
-    pixels[:, :8] = 0  # a dark left edge, so the rotation's direction is visible too
-    image = Image.fromarray(pixels)
     exif = Image.Exif()
     exif[0x0112] = 6
-    return _jpeg(image, exif=exif.tobytes())
+    return _jpeg(_dark_left_edge(), exif=exif.tobytes())
 
 
 def damaged_exif_jpeg() -> bytes:
@@ -111,6 +115,21 @@ def damaged_exif_jpeg() -> bytes:
     start = data.find(b"Exif\x00\x00") + 14  # past the TIFF header, into the tag directory
     data[start : start + 16] = b"\xff" * 16
     return bytes(data)
+
+
+def odd_exif_jpeg(tags: list[tuple[int, int, bytes]]) -> bytes:
+    """The EXIF-rotated JPEG's pixels with a hand-made EXIF block: ``(tag, TIFF type, 4-byte value)``
+    entries, e.g. an orientation stored as text (type 2), which Pillow hands back as a string."""
+    entries = b"".join(struct.pack(">HHI", tag, kind, 2 if kind == 2 else 1) + value for tag, kind, value in tags)
+    tiff = b"MM\x00*" + struct.pack(">IH", 8, len(tags)) + entries + struct.pack(">I", 0)
+    return _jpeg(_dark_left_edge(), exif=b"Exif\x00\x00" + tiff)
+
+
+def unsupported_dds() -> bytes:
+    """A DDS header (a format Pillow knows) with a pixel format its decoder does not: NotImplementedError."""
+    header = struct.pack("<7I", 124, 0x1007, 64, 64, 0, 0, 0) + b"\0" * 44
+    header += struct.pack("<2I4s5I", 32, 4, b"ZZZZ", 0, 0, 0, 0, 0) + b"\0" * 20
+    return b"DDS " + header + b"\0" * (64 * 64 * 4)
 
 
 def animated_gif() -> bytes:
@@ -158,6 +177,10 @@ def good_files() -> dict[str, tuple[str, bytes]]:
         "multipage.tif": ("multi-page TIFF (3 pages)", multipage_tiff()),
         "exif-rotated.jpg": ("JPEG with EXIF orientation 6", exif_rotated_jpeg()),
         "damaged-exif.jpg": ("JPEG with a damaged EXIF block", damaged_exif_jpeg()),
+        "exif-orientation-text.jpg": ("JPEG whose EXIF orientation is text, not a number",
+                                      odd_exif_jpeg([(0x0112, 2, b"6\x00\x00\x00")])),
+        "exif-odd-tag.jpg": ("JPEG with EXIF orientation 6 and a size tag stored as text",
+                             odd_exif_jpeg([(0x0101, 2, b"9\x00\x00\x00"), (0x0112, 3, b"\x00\x06\x00\x00")])),
         "UPPER CASE.JPG": ("upper-case suffix and a space", _jpeg(Image.fromarray(_noise((40, 40), 5)))),
         "crack photo 2 (copy).jpg": ("spaces and brackets in the name", _jpeg(Image.fromarray(_noise((40, 40), 6)))),
         "fissure béton ü 写真.jpg": ("non-ASCII name", _jpeg(Image.fromarray(_noise((40, 40), 7)))),
@@ -178,6 +201,7 @@ def bad_files() -> dict[str, tuple[str, str, bytes]]:
         "notes.jpg": ("a text file named .jpg", "not an image", "Inspection notes: wall B, 3rd floor.\n".encode() * 20),
         "bomb.png": ("PNG header claiming 60000x60000", "too large", png_bomb()),
         "bomb.jpg": ("JPEG header claiming 60000x60000", "too large", jpeg_bomb()),
+        "unsupported.jpg": ("DDS file with a pixel format Pillow cannot decode", "cannot decode", unsupported_dds()),
     }
 
 

@@ -120,13 +120,21 @@ def test_16_bit_png_is_scaled_not_clipped(corpus):
         assert np.abs(pixels.astype(int) - 128).max() <= 1, (name, pixels.min(), pixels.max())
 
 
-def test_exif_orientation_is_applied(corpus):
+@pytest.mark.parametrize("name", ["exif-rotated.jpg", "exif-odd-tag.jpg"])
+def test_exif_orientation_is_applied(corpus, name):
     for reduce_to in (None, (64, 64)):
-        image = load_image(corpus / "exif-rotated.jpg", reduce_to=reduce_to)
+        image = load_image(corpus / name, reduce_to=reduce_to)
         assert image.size == EXIF_STORED_SIZE[::-1]
         pixels = np.asarray(image).astype(int)
         # Orientation 6 turns the stored dark left edge into the top edge.
         assert pixels[:6].mean() < 40 < pixels[-6:].mean()
+
+
+def test_an_orientation_stored_as_text_is_no_orientation(corpus):
+    image = load_image(corpus / "exif-orientation-text.jpg")
+    assert image.size == EXIF_STORED_SIZE
+    pixels = np.asarray(image).astype(int)
+    assert pixels[:, :6].mean() < 40 < pixels[:, -6:].mean()
 
 
 def test_cmyk_and_alpha_decode_to_sensible_rgb(corpus):

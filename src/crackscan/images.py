@@ -12,14 +12,13 @@ from __future__ import annotations
 import io
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import BinaryIO, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 try:  # libjpeg-turbo without PIL's Python-side parsing (see _plain_jpeg); PIL gives the same pixels, slower
     import simplejpeg
@@ -92,17 +91,37 @@ def read_source(source: ImageSource, name: str) -> bytes:
     return data
 
 
+#: How to turn an image upright for each EXIF orientation (tag 0x0112) but 1, upright already. 5-8 swap the axes.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation, 1 (upright) when it has none or an unusable one: a tag stored as text, a
+    value outside 1-8 or damaged EXIF data turn no photo away."""
+    try:
+        value = image.getexif().get(0x0112, 1)
+    except Exception:  # damaged EXIF: Pillow's parser raises whatever its reading of the bytes hits
+        return 1
+    return value if isinstance(value, int) and value in _UPRIGHT else 1
+
+
 def oriented_size(data: bytes) -> tuple[int, int] | None:
     """An image's ``(width, height)`` after EXIF rotation, from its header alone; None when the header is unusable."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                orientation = image.getexif().get(0x0112, 1)
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            turn = orientation(image)
     except Exception:  # load_image will decode it again and say why in its own words
         return None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    return (height, width) if turn >= 5 else (width, height)
 
 
 def _open(source: ImageSource, name: str, max_pixels: int) -> Image.Image:
@@ -116,8 +135,8 @@ def _open(source: ImageSource, name: str, max_pixels: int) -> Image.Image:
         claimed = f"{int(found.group(1)) / 1e6:.0f} MP, " if found else ""
         limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))  # whichever refused it
         raise ImageError(name, f"refused: image too large ({claimed}over the {limit / 1e6:.0f}-MP limit)") from None
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ImageError(name, f"cannot decode ({err})") from None
+    except Exception as err:  # a format plugin may raise anything (NotImplementedError for some DDS files)
+        raise ImageError(name, f"cannot decode ({err or type(err).__name__})") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -169,20 +188,19 @@ def load_image(
         raise ImageError(
             name, f"refused: {width}x{height} is {width * height / 1e6:.0f} MP, over the {max_pixels / 1e6:.0f}-MP limit"
         )
+    turn = orientation(image)
     try:
         if reduce_to is not None and image.format == "JPEG":
             # Orientation 5-8 swap the axes, so ask the decoder for the transposed size.
-            orientation = image.getexif().get(0x0112, 1)
-            w, h = reduce_to if orientation < 5 else reduce_to[::-1]
+            w, h = reduce_to if turn < 5 else reduce_to[::-1]
             image.draft("RGB", (max(1, int(w)), max(1, int(h))))
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image.load()
-        image = ImageOps.exif_transpose(image)
+        # The size was checked above; Pillow's own DecompressionBombWarning (over 89 MP) is not made an error
+        # here, as warnings.catch_warnings would change the filters of every thread in the process.
+        image.load()
+        if turn != 1:
+            image = image.transpose(_UPRIGHT[turn])
         return _to_rgb(image)
-    except ImageError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+    except Exception as err:  # any decoder failure is this file's, never the batch's
         reason = str(err) or type(err).__name__
         if "truncated" in reason.lower() or "image file is truncated" in reason:
             raise ImageError(name, "truncated or damaged image data") from None
