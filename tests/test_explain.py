@@ -107,6 +107,21 @@ def test_explain_keeps_both_files_of_the_same_name(tiny_model_path, tmp_path, ca
     assert all(Path(p).is_file() for p in said)
 
 
+def test_explain_reports_an_overlay_it_cannot_write_and_goes_on(tiny_model_path, tmp_path, capsys):
+    from crackscan.cli import main
+
+    rng = np.random.default_rng(3)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        concrete_patch(rng, 96, True).save(tmp_path / name)
+    (tmp_path / "out" / "b.gradcam.png").mkdir(parents=True)
+    paths = [str(tmp_path / n) for n in ("a.jpg", "b.jpg", "c.jpg")]
+    assert main(["explain", str(tiny_model_path), *paths, "--out", str(tmp_path / "out")]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {tmp_path / 'b.jpg'}: cannot explain (IsADirectoryError")
+    assert len(captured.err.strip().splitlines()) == 1
+    assert (tmp_path / "out" / "a.gradcam.png").is_file() and (tmp_path / "out" / "c.gradcam.png").is_file()
+
+
 def test_explain_points_a_whole_photo_to_scan(tiny_model_path, tmp_path, capsys):
     from crackscan.cli import main
 

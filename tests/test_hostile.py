@@ -335,9 +335,9 @@ def test_scan_exit_code_and_no_traceback(runs):
     run = command(runs, "scan")
     assert_no_traceback(run)
     assert run.code == 1, run.err
-    # As predict does: the count of unreadable files closes the report (one "error:" line each above).
+    # As predict does: the count of failed files closes the report (one "error:" line each above).
     failed = sum(line.startswith("error: ") for line in run.err.splitlines())
-    assert failed > 0 and f"{failed} file(s) could not be read" in run.err.splitlines(), run.err
+    assert failed > 0 and f"{failed} file(s) failed (see above and summary.csv)" in run.err.splitlines(), run.err
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=ids(ENTRIES))

@@ -427,6 +427,30 @@ def test_large_photo_scanned_in_tiles_with_bounded_memory(tiny_model_path, tmp_p
     assert grown_mb < 500, grown_mb  # measured ~340 MB; one untiled pass needs well over 1 GB
 
 
+def test_a_photo_whose_results_cannot_be_written_is_reported_and_the_batch_goes_on(tiny_model_path, tmp_path, capsys):
+    from crackscan.cli import main
+
+    folder, out = tmp_path / "photos", tmp_path / "out"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    long_name = "x" * 245 + ".jpg"  # its stem plus ".overlay.jpg" would pass the 255 bytes a name may have
+    for name in ("a.jpg", "b.jpg", long_name):
+        concrete_patch(rng, 300, True).resize((400, 300)).save(folder / name)
+    (out / "b.overlay.jpg").mkdir(parents=True)  # b's overlay cannot be written: a folder has its name
+    assert main(["scan", str(tiny_model_path), str(folder), "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {folder / 'b.jpg'}: scanned, but its results could not be written (Is a directory)",
+                   "1 file(s) failed (see above and summary.csv)"]
+    with open(out / "summary.csv", newline="") as handle:
+        rows = {Path(r["file"]).name: r for r in csv.DictReader(handle)}
+    assert rows["b.jpg"]["verdict"] == "error" and "could not be written" in rows["b.jpg"]["error"]
+    assert rows["a.jpg"]["error"] == "" and (out / "a.json").is_file()
+    stem = "x" * 200  # cut to fit
+    assert rows[long_name]["error"] == "" and rows[long_name]["overlay"] == f"{stem}.overlay.jpg"
+    assert json.loads((out / f"{stem}.json").read_text())["file"].endswith(long_name)
+    assert (out / f"{stem}.map.png").is_file() and (out / "contact_sheet.jpg").is_file()
+
+
 def test_folder_with_corrupt_file(tiny_model, tmp_path, capsys):
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -2,7 +2,8 @@
 
 Exit codes (every verb):
     0  everything asked for was done
-    1  done, but some input files could not be read (each reported on its own line)
+    1  done, but some input files failed: could not be read, or their results not written (each reported on
+       its own line)
     2  nothing done: bad arguments, or unusable data / model / weights (one-line message)
     130 interrupted (Ctrl-C); a training run can be resumed with --resume
 """
@@ -334,7 +335,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
                          **({} if args.verify is None else {"verify": args.verify}),
                          map_kind=args.map_kind, quiet=args.quiet, backend=args.backend)
     if summary.errors:
-        print(f"{len(summary.errors)} file(s) could not be read", file=sys.stderr)
+        print(f"{len(summary.errors)} file(s) failed (see above and summary.csv)", file=sys.stderr)
     print(f"results: {summary.out_dir}")
     print(DISCLAIMER)
     return EXIT_SOME_FAILED if summary.errors else EXIT_OK
@@ -357,6 +358,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         except ImageError as err:
             failures += 1
             print(f"error: {err}", file=sys.stderr)
+            continue
+        except Exception as err:  # writing its overlay, or a decoder bug: this file's failure, not the batch's
+            failures += 1
+            print(f"error: {path}: cannot explain ({type(err).__name__}: {err})", file=sys.stderr)
             continue
         print(f"{result['crack_probability']:.4f}  {result['label']:<10} {path}  -> {result['overlay']}")
         width, height = result["image_size"]

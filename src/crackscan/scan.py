@@ -52,6 +52,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 import time
 import weakref
@@ -894,9 +895,17 @@ def _overlay_photo(path: Path, decoded: Image.Image, photo_size: tuple[int, int]
 SUMMARY_FIELDS = ["file", "verdict", "flagged_fraction", "n_regions", "max_probability", "seconds", "overlay", "error"]
 
 
+#: Longest output stem, in bytes: a stem, a "_123" for a repeated name and ".overlay.jpg" fit the 255 bytes most
+#: file systems allow a name.
+MAX_STEM_BYTES = 200
+
+
 def unique_stem(path: Path, used: set[str]) -> str:
-    """``path``'s stem, or ``stem_2``, ``stem_3``... when an earlier file of the batch took it (``used``)."""
+    """``path``'s stem (cut to :data:`MAX_STEM_BYTES`), or ``stem_2``, ``stem_3``... when an earlier file of the
+    batch took it (``used``)."""
     stem, n = path.stem or "image", 2
+    while len(os.fsencode(stem)) > MAX_STEM_BYTES:
+        stem = stem[:-1]
     candidate = stem
     while candidate in used:  # same name in two folders: keep both
         candidate, n = f"{stem}_{n}", n + 1
@@ -977,12 +986,10 @@ def scan_paths(
             overlay = render_overlay(photo, result, heatmap=heat)
         except ImageError as err:
             message = str(err)
-        except (OSError, ValueError, RuntimeError) as err:  # e.g. a decoder bug: name the file, go on
+        except Exception as err:  # e.g. a decoder bug or memory for one odd photo: name the file, go on
             message = f"{path}: cannot scan ({type(err).__name__}: {err})"
         else:
             stem = unique_stem(path, used)
-            overlay.save(out_dir / f"{stem}.overlay.jpg", quality=88)
-            (out_dir / f"{stem}.map.png").write_bytes(probability_png(result))
             record = result.to_dict() | {"overlay": f"{stem}.overlay.jpg", "map": f"{stem}.map.png",
                                          "map_kind": map_kind}
             if min(result.map_origin) < 0:  # the grid starts outside the photo: it was padded
@@ -990,8 +997,17 @@ def scan_paths(
                                   f"at least one side: the patch was filled out by repeating the edge pixels; a single "
                                   f"patch is better classified by `crackscan predict`, a photo taken closer needs a "
                                   f"smaller --patch-size")
+            try:
+                overlay.save(out_dir / f"{stem}.overlay.jpg", quality=88)
+                (out_dir / f"{stem}.map.png").write_bytes(probability_png(result))
+                (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+            except OSError as err:  # a full disk, a folder made read-only meanwhile: this photo's, not the batch's
+                message = f"{path}: scanned, but its results could not be written ({err.strerror or err})"
+            else:
+                message = ""
+        if not message:
+            if "note" in record:
                 print(f"note: {path}: {record['note']}", file=sys.stderr, flush=True)
-            (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
             results.append(result)
             # Thumbnails only: a folder of hundreds of photos must not keep full overlays in memory.
             overlay.thumbnail((SHEET_THUMB, SHEET_THUMB))
