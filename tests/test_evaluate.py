@@ -38,6 +38,15 @@ def test_cluster_bootstrap_is_wider_for_correlated_groups():
     assert width(by_group) > 1.5 * width(by_image)
 
 
+def test_f1_interval_leaves_out_resamples_without_cracks():
+    # Perfect answers on 6 photos, 2 with cracks: many resamples hold no crack and no crack predicted, whose F1
+    # is undefined; counted as 0 they dragged the interval of a perfect F1 down to [0, 1].
+    y = np.array([1, 1, 0, 0, 0, 0] * 5)
+    groups = [f"photo{i}" for i in range(6)] * 5
+    m = compute_metrics(y, y.astype(float), 0.5, groups=groups, n_boot=300)
+    assert m["f1"] == 1.0 and m["f1_ci"] == (1.0, 1.0)
+
+
 def test_wilson_interval():
     lo, hi = wilson(95, 100)
     assert 0.88 < lo < 0.9 and 0.97 < hi < 0.99

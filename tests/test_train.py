@@ -97,8 +97,9 @@ def test_evaluate_reuses_the_split(trained_run, tiny_dataset, tmp_path, capsys):
 
 
 def test_target_recall_is_stored_and_used(trained_run, tiny_dataset, tmp_path):
-    model_file = tmp_path / "m.safetensors"
+    model_file = tmp_path / "model.safetensors"  # a copy of the run folder's model and its readable metadata
     model_file.write_bytes((trained_run / "model.safetensors").read_bytes())
+    (tmp_path / "model.json").write_bytes((trained_run / "model.json").read_bytes())
     code = main(["evaluate", str(model_file), str(tiny_dataset), "--split", str(trained_run / "split.csv"),
                  "--target-recall", "1.0", "--out", str(tmp_path / "ev"), "--quiet"])
     assert code == 0
@@ -107,6 +108,7 @@ def test_target_recall_is_stored_and_used(trained_run, tiny_dataset, tmp_path):
     # The scan threshold training chose sat above the old threshold: it must not outlive it.
     assert "scan_threshold" in read_meta(trained_run / "model.safetensors") and "scan_threshold" not in meta
     assert load_model(model_file).scan_threshold == meta["threshold"]
+    assert json.loads((tmp_path / "model.json").read_text()) == meta  # the readable copy follows
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["threshold"] == pytest.approx(meta["threshold"])
 
@@ -332,3 +334,33 @@ def test_evaluate_finds_the_crack_folder_of_data_named_otherwise(trained_run, ti
     assert main(["evaluate", model, str(tmp_path / "d"), "--crack-class", "intact", *out]) == 0
     flipped = json.loads((tmp_path / "ev" / "metrics.json").read_text())["confusion"]
     assert (flipped["tp"], flipped["tn"], flipped["fp"]) == (same["fp"], same["fn"], same["tp"])
+
+
+def test_evaluate_does_not_rewrite_the_shipped_model(trained_run, tiny_dataset, tmp_path, capsys, monkeypatch):
+    import crackscan.model
+
+    # A copy stands in for the packaged file, so that a regression here cannot rewrite the real one.
+    shipped = tmp_path / "weights" / "crack-mobilenetv2.safetensors"
+    shipped.parent.mkdir()
+    shipped.write_bytes((trained_run / "model.safetensors").read_bytes())
+    monkeypatch.setattr(crackscan.model, "default_model_path", lambda: shipped)
+    before = shipped.read_bytes()
+    for option in (["--target-recall", "0.9"], ["--scan-mosaics", "4"]):
+        args = ["evaluate", str(shipped), str(tiny_dataset), "--split", str(trained_run / "split.csv"), *option]
+        assert main(args) == 2
+        assert "is the model shipped with crackscan" in capsys.readouterr().err
+    assert shipped.read_bytes() == before
+
+
+def test_evaluate_reports_go_beside_the_model_or_here_for_the_shipped_one(trained_run, tiny_dataset, tmp_path,
+                                                                          monkeypatch):
+    from crackscan.model import default_model_path
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", str(default_model_path()), str(tiny_dataset), "--quiet"]) == 0
+    assert (tmp_path / f"eval-{tiny_dataset.name}" / "metrics.json").is_file()
+    assert not (default_model_path().parent / f"eval-{tiny_dataset.name}").exists()
+    # The test rows of a split and the whole folder get reports of their own.
+    split = ["--split", str(trained_run / "split.csv")]
+    assert main(["evaluate", str(trained_run / "model.safetensors"), str(tiny_dataset), *split, "--quiet"]) == 0
+    assert (trained_run / f"eval-{tiny_dataset.name}-test" / "metrics.json").is_file()

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "rows (200 as in training); saved in the model")
     e.add_argument("--crack-class", help="name of the crack class folder in DATA (default: the model's crack class "
                                          "when DATA has a folder of that name, else recognised: Positive, crack...)")
-    e.add_argument("--out", help="report folder (default: MODEL_DIR/eval-DATA)")
+    e.add_argument("--out", help="report folder (default: MODEL_DIR/eval-DATA, or eval-DATA-SUBSET with --split; "
+                                 "in the current folder for the shipped model)")
     e.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
     e.add_argument("--quiet", action="store_true")
 
@@ -258,9 +259,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from crackscan.evaluate import evaluate
 
+    from crackscan.model import default_model_path
+
     model_path = Path(args.model)
     base = model_path if model_path.is_dir() else model_path.parent
-    out = Path(args.out) if args.out else base / f"eval-{Path(args.data).name or 'data'}"
+    if base.resolve() == default_model_path().parent.resolve():
+        base = Path.cwd()  # not into the installed package
+    name = f"eval-{Path(args.data).resolve().name or 'data'}" + (f"-{args.subset}" if args.split else "")
+    out = Path(args.out) if args.out else base / name
     metrics = evaluate(args.model, args.data, out, split_csv=args.split, split=args.subset,
                        target_recall=args.target_recall, scan_mosaics=args.scan_mosaics,
                        crack_class=args.crack_class, backend=args.backend,

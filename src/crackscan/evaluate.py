@@ -62,7 +62,8 @@ def bootstrap_ci(
     fp = per_image @ ((pred == 1) & (y == 0))
     fn = per_image @ ((pred == 0) & (y == 1))
     denom = 2 * tp + fp + fn
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    # A resample with no crack in it and none predicted has no F1 (not 0): left out, as for ROC-AUC below.
+    f1 = np.divide(2 * tp, denom, out=np.full_like(tp, np.nan), where=denom > 0)
     order = np.argsort(prob, kind="mergesort")
     scores, labels, w = prob[order], y[order], per_image[:, order]
     starts = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])  # runs of tied scores
@@ -71,7 +72,7 @@ def bootstrap_ci(
     below = np.cumsum(neg, axis=1) - neg
     pairs = pos.sum(1) * neg.sum(1)
     auc = np.divide((pos * (below + 0.5 * neg)).sum(1), pairs, out=np.full(n, np.nan), where=pairs > 0)
-    out = {"f1_ci": tuple(np.percentile(f1, [2.5, 97.5]).tolist())}
+    out = {"f1_ci": tuple(np.nanpercentile(f1, [2.5, 97.5]).tolist()) if np.isfinite(f1).any() else (float("nan"),) * 2}
     out["roc_auc_ci"] = (
         tuple(np.nanpercentile(auc, [2.5, 97.5]).tolist()) if np.isfinite(auc).any() else (float("nan"),) * 2
     )
@@ -166,6 +167,14 @@ def write_report(
         )
 
 
+def _save_with_thresholds(model: Any) -> None:
+    """Save a model whose thresholds changed, and its run folder's readable copy of the metadata with it."""
+    model.save(model.path)
+    readable = Path(model.path).with_suffix(".json")
+    if readable.is_file():  # a run folder's model.json beside model.safetensors
+        readable.write_text(json.dumps(model.meta, indent=2))
+
+
 def evaluate(
     model_path: str | Path | None,
     data: str | Path,
@@ -197,9 +206,12 @@ def evaluate(
         backend: Inference backend (see :meth:`crackscan.model.CrackModel.crack_probability`).
     """
     from crackscan.data import DataError, apply_split, load_dataset, read_split
-    from crackscan.model import load_model
+    from crackscan.model import default_model_path, load_model
 
     model = load_model(model_path)
+    if (target_recall is not None or scan_mosaics) and Path(model.path).resolve() == default_model_path().resolve():
+        raise DataError(f"{model.path} is the model shipped with crackscan, which every command uses by default: it "
+                        "is not rewritten. Copy it and choose thresholds for the copy (cp ... my-model.safetensors)")
     # An ONNX file can neither scan nor be saved: say so before loading the data.
     if scan_mosaics:
         model.network("choosing a scan threshold")
@@ -229,7 +241,7 @@ def evaluate(
         stale = model.meta.pop("scan_threshold", None) is not None
         model.meta.pop("scan_threshold_source", None)
         model.meta.pop("scan_calibration", None)
-        model.save(model.path)
+        _save_with_thresholds(model)
         if not quiet:
             print(f"threshold {threshold:.4f} reaches recall {target_recall} on validation; saved in {model.path}")
             if stale and not scan_mosaics:
@@ -248,7 +260,7 @@ def evaluate(
             raise DataError(f"{split_csv}: {err}") from None
         store(model, calibration,
               f"{calibration.photos} photo-sized mosaics of the validation split of {Path(split_csv).name}")
-        model.save(model.path)
+        _save_with_thresholds(model)
         if not quiet:
             print(f"scan threshold {calibration.threshold:.4f} saved in {model.path}")
     y = (dataset.labels(idx) == dataset.crack_index).astype(int)
