@@ -216,3 +216,14 @@ def test_forked_workers_survive_torch_threads(tmp_path, capability):
                          timeout=120, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["6", "12"]
+
+
+def test_a_class_with_no_readable_image_says_why_each_was_skipped(tmp_path):
+    root = make_dataset(tmp_path / "d", per_class=4)
+    for path in (root / "Positive").iterdir():
+        path.write_text("not a picture")
+    with pytest.raises(DataError) as caught:
+        load_dataset(root, 32, quiet=True)
+    message = str(caught.value)
+    assert message.startswith(f"{root / 'Positive'}: no readable images left in this class (4 skipped: ")
+    assert "Positive/00001.jpg: not an image" in message and message.endswith("; ...)")

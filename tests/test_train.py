@@ -364,3 +364,17 @@ def test_evaluate_reports_go_beside_the_model_or_here_for_the_shipped_one(traine
     split = ["--split", str(trained_run / "split.csv")]
     assert main(["evaluate", str(trained_run / "model.safetensors"), str(tiny_dataset), *split, "--quiet"]) == 0
     assert (trained_run / f"eval-{tiny_dataset.name}-test" / "metrics.json").is_file()
+
+
+def test_a_refused_train_command_says_the_first_thing_wrong_and_leaves_no_run_folder(tiny_dataset, tmp_path, capsys,
+                                                                                      monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no ImageNet weights cached: offline they fail
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    out = tmp_path / "runs"
+    # A mistyped data folder is named, not the download that could not have helped.
+    assert main(["train", str(tmp_path / "dta"), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "dta: no such folder" in err and "--weights" not in err, err
+    assert main(["train", str(tiny_dataset), "--out", str(out), "--quiet"]) == 2  # the weights, then
+    assert "--weights FILE" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())

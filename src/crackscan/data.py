@@ -204,7 +204,11 @@ def load_dataset(
         rows = [r for i, r in enumerate(rows) if i not in bad]
     for label, name in enumerate(classes):
         if not any(s.label == label for s in samples):
-            raise DataError(f"{root / name}: no readable images left in this class (see the skipped-files report)")
+            # Said here, as no report gets written: the run ends before any.
+            mine = [p for p in problems if p.file.split("/", 1)[0] == name]
+            shown = "; ".join(f"{p.file}: {p.reason}" for p in mine[:3]) + ("; ..." if len(mine) > 3 else "")
+            raise DataError(f"{root / name}: no readable images left in this class"
+                            + (f" ({len(mine)} skipped: {shown})" if mine else ""))
     pixels = decoded if len(rows) == len(files) else decoded[rows]
     # Read-only: a process forked later would otherwise write into this process's pixels through the
     # shared mapping, with no copy-on-write between them.

@@ -40,6 +40,7 @@ from crackscan.data import (
     Dataset,
     apply_split,
     assign_groups,
+    find_classes,
     load_dataset,
     read_split,
     split_changes,
@@ -681,16 +682,18 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         for stale in run_dir.glob(".*.safetensors.*.tmp"):
             stale.unlink(missing_ok=True)
     else:
-        run_dir = new_run_dir(config.out, config.name)
-        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        find_classes(Path(config.data), config.crack_class)  # a mistyped folder is the first thing said
     torch.manual_seed(config.seed)
     say = (lambda *a: None) if config.quiet else (lambda *a: print(*a, flush=True))
-    say(f"run folder: {run_dir}")
 
     # Weights first: an offline machine learns it must pass --weights before minutes of decoding.
     model = build_model(dropout=config.dropout)
     weights_source = load_pretrained_base(model, config.weights)
     model.to(memory_format=torch.channels_last)
+    if resume is None:  # made once the cheap checks passed: a refused command leaves no run folder behind
+        run_dir = new_run_dir(config.out, config.name)
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    say(f"run folder: {run_dir}")
     say(f"pretrained base: {weights_source}")
     dataset = load_dataset(config.data, config.input_size, crack_class=config.crack_class, quiet=config.quiet)
     if checkpoint is not None:
