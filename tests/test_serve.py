@@ -193,6 +193,27 @@ def test_serve_names_a_missing_model_before_starting(tmp_path):
         serve(str(tmp_path / "missing.safetensors"), port=1)
 
 
+def test_serve_refuses_what_it_cannot_run_in_one_line_before_loading(tiny_model_path, tmp_path, capsys):
+    import socket
+
+    from crackscan.cli import main
+
+    (tmp_path / "m.onnx").write_bytes(b"not even onnx")
+    assert main(["serve", "--model", str(tmp_path / "m.onnx")]) == 2
+    assert "the service scans photos, which needs the PyTorch model" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(tiny_model_path), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in err and len(err.splitlines()) == 1
+    for bad in (["--port", "99999"], ["--max-upload-mb", "nan"], ["--max-upload-mb", "inf"], ["--max-upload-mb", "-1"]):
+        with pytest.raises(SystemExit) as exited:
+            main(["serve", *bad])
+        assert exited.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------- bad requests
 
 

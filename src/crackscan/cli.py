@@ -32,6 +32,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 0..65535, got {text}")
+    return value
+
+
+def _upload_mb(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 10_000:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a size in MB above 0 and at most 10000, got {text}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -182,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="web service and page for predictions and photo scans")
     sv.add_argument("--model", help="model file or run folder (default: the shipped model)")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-upload-mb", type=float, default=30.0)
+    sv.add_argument("--port", type=_port, default=8000, help="TCP port, 0 for any free one (default: 8000)")
+    sv.add_argument("--max-upload-mb", type=_upload_mb, default=30.0,
+                    help="largest upload accepted, in MB (default: 30)")
     return parser
 
 

@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crackscan.images import ImageError, load_patch
-from crackscan.model import CrackModel, default_model_path, load_model, read_meta
+from crackscan.model import CrackModel, ModelError, default_model_path, load_model, read_meta
 from crackscan.scan import PATCH_SIZE
 
 logger = logging.getLogger("crackscan.serve")
@@ -474,6 +474,7 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
 
     Raises:
         ModelError: The model file is missing or is not a crackscan model (checked before starting).
+        OSError: Nothing can listen on ``host:port`` (checked before the model loads).
     """
     import uvicorn
 
@@ -481,13 +482,31 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
 
     tune_allocator()
     # Fail with one clear line before uvicorn starts, rather than a lifespan traceback.
-    read_meta(_model_file(model_path))
+    path = _model_file(model_path)
+    if path.suffix.lower() == ".onnx":
+        raise ModelError(f"{path}: the service scans photos, which needs the PyTorch model (.safetensors); an "
+                         "exported ONNX file only classifies patches (predict, evaluate)")
+    read_meta(path)
+    _check_listen(host, port)
     uvicorn.run(create_app(model_path, **kw), host=host, port=port, log_level="info")
 
 
-def _model_file(model_path: str | None) -> Path:
-    from crackscan.model import ModelError
+def _check_listen(host: str, port: int) -> None:
+    """An OSError naming the address when nothing can listen on it (a port in use, a host not this machine's),
+    before the model loads; uvicorn would log it and exit with a code of its own."""
+    import socket
 
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as err:
+        raise OSError(f"cannot listen on {host}:{port} ({err.strerror or err})") from None
+
+
+def _model_file(model_path: str | None) -> Path:
     path = Path(model_path) if model_path is not None else default_model_path()
     if path.is_dir():
         path = path / "model.safetensors"
