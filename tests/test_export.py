@@ -182,6 +182,33 @@ def test_onnx_backend_equals_torch_and_is_cached(tiny_model_path, patches, tmp_p
     assert in_memory.path == "" and np.allclose(in_memory.logits(pixels), rebuilt.logits(pixels), atol=1e-6)
 
 
+def test_a_cache_folder_this_user_may_not_enter_costs_only_the_cache(tiny_model_path, tmp_path):
+    import subprocess
+    import sys
+
+    from corpus import drop_privileges_prefix
+
+    (tmp_path / "cache" / "crackscan").mkdir(parents=True)
+    (tmp_path / "cache" / "crackscan").chmod(0)
+    code = ("import sys, numpy as np\n"
+            "from crackscan.export import OnnxRunner\n"
+            "from crackscan.model import load_model\n"
+            "model = load_model(sys.argv[1])\n"
+            "runner = OnnxRunner.from_model(model)\n"
+            "pixels = np.zeros((1, model.input_size, model.input_size, 3), np.uint8)\n"
+            "print(repr(runner.path), runner.logits(pixels).shape)\n")
+    try:
+        done = subprocess.run([*drop_privileges_prefix(), sys.executable, "-c", code, str(tiny_model_path)],
+                              capture_output=True, text=True, env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache")))
+        entered = os.access(tmp_path / "cache" / "crackscan", os.X_OK) and not drop_privileges_prefix()
+    finally:
+        (tmp_path / "cache" / "crackscan").chmod(0o755)
+    if entered:
+        pytest.skip("mode 000 does not stop this process (root without setpriv): nothing to test")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "'' (1, 2)"  # from memory, and it classifies
+
+
 def test_whole_image_graph_is_cached_beside_the_patch_graph(tiny_model_path, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     pixels = np.random.default_rng(0).integers(0, 256, (100, 70, 3), dtype=np.uint8)

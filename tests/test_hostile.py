@@ -413,3 +413,45 @@ def test_service_answers_every_upload(client, corpus, entry, route, field):
         detail = response.json()["detail"]
         assert isinstance(detail, str) and "\n" not in detail, detail
         assert name in detail and entry.reason in detail.lower(), detail
+
+
+# ----------------------------------------------------------------------------------------------------
+# Special files and folders, one at a time
+
+
+def test_a_folder_that_cannot_be_searched_is_reported_and_the_rest_predicted(tmp_path, prefix):
+    folder = tmp_path / "photos"
+    (folder / "locked").mkdir(parents=True)
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(folder / "ok.jpg")
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(folder / "locked" / "hidden.jpg")
+    (folder / "locked").chmod(0)
+    try:
+        probe = subprocess.run([*prefix, sys.executable, "-c", "import os, sys; os.listdir(sys.argv[1])",
+                                str(folder / "locked")], capture_output=True)
+        if probe.returncode == 0:
+            pytest.skip("mode 000 does not stop this process from searching (root without setpriv): nothing to test")
+        runs = run_batch(prefix, {"p": ["predict", str(folder), "--format", "json"]}, tmp_path)
+    finally:
+        (folder / "locked").chmod(0o755)
+    run = runs["p"]
+    assert_no_traceback(run)
+    assert run.code == 1, run.err
+    assert [r["file"] for r in json.loads(run.out)] == [str(folder / "ok.jpg"), str(folder / "locked")]
+    assert f"error: {folder / 'locked'}: folder cannot be searched (permission denied)" in run.err.splitlines()
+
+
+def test_pipes_and_devices_are_refused_without_reading_them(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)  # reading it would wait forever for a writer
+    for path, words in ((fifo, "not a regular file"), (Path("/dev/zero"), "not a regular file")):
+        with pytest.raises(ImageError, match=words):
+            load_patch(path, 32)
+
+
+def test_floating_point_tiff_scaled_to_one_is_not_read_as_black(tmp_path):
+    ramp = np.linspace(0.0, 1.0, 32 * 32, dtype=np.float32).reshape(32, 32)
+    Image.fromarray(ramp, mode="F").save(tmp_path / "unit.tif")
+    pixels = np.asarray(load_image(tmp_path / "unit.tif"))
+    assert pixels.min() == 0 and pixels.max() == 255
+    Image.fromarray(ramp * 255, mode="F").save(tmp_path / "bytes.tif")
+    np.testing.assert_allclose(np.asarray(load_image(tmp_path / "bytes.tif")).astype(int), pixels.astype(int), atol=1)

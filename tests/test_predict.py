@@ -73,3 +73,24 @@ def test_cli_refuses_an_output_folder_that_is_a_file(tiny_model_path, images, tm
     assert main([command, str(tiny_model_path), str(images), "--out", str(tmp_path / "taken")]) == 2
     assert capsys.readouterr().err == f"crackscan: error: --out {tmp_path / 'taken'} is a file, not a folder\n"
     assert (tmp_path / "taken").read_text() == "not a folder"
+
+
+def test_output_file_that_cannot_be_written_is_refused_before_the_batch(tiny_model_path, images, tmp_path, capsys):
+    for target, why in ((tmp_path / "no-such-folder" / "r.csv", "no such folder"), (tmp_path, "a folder")):
+        code = main(["predict", str(tiny_model_path), str(images), "--format", "csv", "-o", str(target)])
+        captured = capsys.readouterr()
+        assert code == 2 and f"cannot write a file there ({why})" in captured.err, captured.err
+        assert captured.out == ""  # nothing predicted first
+
+
+def test_predict_points_a_whole_photo_to_scan(tiny_model_path, tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    photo, patch = tmp_path / "photo.png", tmp_path / "patch.jpg"
+    Image.fromarray(rng.integers(0, 256, (600, 800, 3), dtype=np.uint8)).save(photo)  # large file: its size is read
+    Image.fromarray(rng.integers(0, 256, (227, 227, 3), dtype=np.uint8)).save(patch)
+    assert main(["predict", str(tiny_model_path), str(photo), str(patch)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"note: {photo} is 800x600 px: predict squeezes it into one 64-px patch; for a photo use "
+                   "`crackscan scan`"]

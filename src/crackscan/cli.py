@@ -304,19 +304,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from crackscan.model import load_model
     from crackscan.predict import predict_sources
+    from crackscan.scan import PATCH_SIZE
 
     model_arg, items = _split_model(args.paths, args.model)
+    if args.output:  # said now, not after the whole batch has run
+        target = Path(args.output)
+        if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+            raise ValueError(f"-o {target}: cannot write a file there ("
+                             + ("a folder" if target.is_dir() else "no such folder" if not target.parent.is_dir()
+                                else "permission denied") + ")")
     model = load_model(model_arg)
+    paths = _image_paths(items)
     failures = 0
     rows = []
     table = args.format == "table" and args.output is None
     if table:
         print(f"{'crack_probability':>17}  {'label':<10} file")
-    for pred in predict_sources(model, _image_paths(items), batch_size=args.batch_size, threshold=args.threshold,
+    for pred in predict_sources(model, paths, batch_size=args.batch_size, threshold=args.threshold,
                                 backend=args.backend):
         if pred.error:
             failures += 1
             print(f"error: {pred.error}", file=sys.stderr)
+        if pred.image_size and max(pred.image_size) > 2 * PATCH_SIZE:
+            width, height = pred.image_size
+            print(f"note: {pred.source} is {width}x{height} px: predict squeezes it into one {model.input_size}-px "
+                  f"patch; for a photo use `crackscan scan`", file=sys.stderr)
         if table:
             if not pred.error:
                 print(f"{pred.probability:>17.4f}  {pred.label:<10} {pred.source}", flush=False)

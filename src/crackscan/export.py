@@ -288,7 +288,11 @@ def _cached_session(model: CrackModel, kind: str, build: Callable[[], bytes], **
     """
     folder = cache_dir()
     path = folder / f"{model_digest(model)}{kind}.onnx"
-    if path.is_file():
+    try:
+        cached = path.is_file()
+    except OSError:  # a cache folder this user may not enter: the graph runs from memory
+        cached = False
+    if cached:
         try:
             session = _session(str(path), **options)
             with contextlib.suppress(OSError):

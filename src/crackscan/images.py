@@ -32,6 +32,8 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".
 
 #: Largest image accepted, in pixels. A 50-MP photo passes; a header claiming 60000x60000 does not.
 MAX_PIXELS = 120_000_000
+#: Largest image file read (a 120-MP 16-bit TIFF is under 0.8 GB uncompressed).
+MAX_FILE_BYTES = 1_000_000_000
 
 # Truncated files must fail loudly rather than decode into grey padding.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -67,10 +69,17 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     if path.is_symlink() and not path.exists():
         raise ImageError(name, "broken symbolic link")
     if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):  # a folder crackscan was asked to search and could not
+            raise ImageError(name, "folder cannot be searched (permission denied)")
         raise ImageError(name, "is a folder, not an image file")
     if not path.exists():
         raise ImageError(name, "no such file")
+    if not path.is_file():  # a pipe would block the batch forever, a device would fill the memory
+        raise ImageError(name, "not a regular file (a pipe, socket or device)")
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ImageError(name, f"refused: {path.stat().st_size / 1e9:.1f} GB, over the "
+                                   f"{MAX_FILE_BYTES / 1e9:.0f}-GB limit of an image file")
         return path.read_bytes()
     except PermissionError:
         raise ImageError(name, "permission denied") from None
@@ -145,7 +154,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        high = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        top = array.max(initial=0)
+        if image.mode == "F" and top <= 1.0:  # floating-point data scaled to [0, 1], as scientific TIFFs are
+            high = 1.0
+        else:
+            high = 65535.0 if image.mode.startswith("I;16") or top > 255 else 255.0
         gray = np.clip(array / high * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):

@@ -156,6 +156,8 @@ class Prediction:
     label: str
     is_crack: bool
     error: str | None = None
+    #: ``(width, height)`` upright, for files large enough to be more than a patch (None otherwise).
+    image_size: tuple[int, int] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {

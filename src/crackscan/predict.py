@@ -11,7 +11,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from crackscan.images import ImageError, ImageSource, describe, is_image_path, load_patch
+from crackscan.images import ImageError, ImageSource, describe, is_image_path, load_patch, oriented_size, read_source
 from crackscan.model import CrackModel, Prediction
 from crackscan.runtime import cpu_count
 
@@ -19,13 +19,20 @@ from crackscan.runtime import cpu_count
 def expand_paths(items: Iterable[str | os.PathLike]) -> Iterator[Path]:
     """Files, folders (searched recursively for image files) and glob patterns, in a stable order.
 
-    A name that matches nothing is still yielded, so that the reader reports it as missing.
+    A name that matches nothing is still yielded, so that the reader reports it as missing; so is a folder that
+    cannot be searched (no permission), after the images found, so that the reader reports it too.
     """
     for item in items:
         text = str(item)
         path = Path(text)
         if path.is_dir() and not is_image_path(path):
-            yield from sorted(p for p in path.rglob("*") if is_image_path(p) and not p.is_dir())
+            found: list[Path] = []
+            unsearchable: list[Path] = []
+            # Symbolic links to folders are not followed (no loops), as pathlib's rglob does.
+            for root, _, files in os.walk(path, onerror=lambda err: unsearchable.append(Path(err.filename))):
+                found += [Path(root) / name for name in files if is_image_path(Path(name))]
+            yield from sorted(found)
+            yield from sorted(unsearchable)
         elif not path.exists() and not path.is_symlink() and glob.has_magic(text):
             matches = sorted(glob.glob(text, recursive=True))
             yield from (Path(m) for m in matches) if matches else [path]
@@ -33,13 +40,21 @@ def expand_paths(items: Iterable[str | os.PathLike]) -> Iterator[Path]:
             yield path
 
 
-def _decode(source: ImageSource, size: int) -> tuple[np.ndarray | None, str | None]:
+#: Files at least this large have their size read from the header too: a patch's JPEG is 10-30 KB; a file
+#: this large may be a whole photo, which one patch-sized input squeezes beyond recognition.
+SIZE_CHECK_BYTES = 48_000
+
+
+def _decode(source: ImageSource, size: int) -> tuple[np.ndarray | None, str | None, tuple[int, int] | None]:
+    name = describe(source)
     try:
-        return load_patch(source, size), None
+        data = read_source(source, name)
+        pixels = load_patch(data, size, name)
+        return pixels, None, oriented_size(data) if len(data) >= SIZE_CHECK_BYTES else None
     except ImageError as err:
-        return None, str(err)
+        return None, str(err), None
     except Exception as err:  # a decoder bug must not end a batch of thousands
-        return None, f"{describe(source)}: cannot decode ({type(err).__name__}: {err})"
+        return None, f"{name}: cannot decode ({type(err).__name__}: {err})", None
 
 
 def predict_sources(
@@ -60,15 +75,16 @@ def predict_sources(
         pending = list(pool.map(lambda s: (s, _decode(s, size)), islice(iterator, batch_size)))
         while pending:
             future_batch = pool.map(lambda s: (s, _decode(s, size)), list(islice(iterator, batch_size)))
-            good = [(i, px) for i, (_, (px, _)) in enumerate(pending) if px is not None]
+            good = [(i, px) for i, (_, (px, _, _)) in enumerate(pending) if px is not None]
             probs = np.full(len(pending), np.nan, dtype=np.float32)
             if good:
                 probs[[i for i, _ in good]] = model.crack_probability(np.stack([px for _, px in good]), backend)
-            for (source, (_, error)), p in zip(pending, probs):
+            for (source, (_, error, shape)), p in zip(pending, probs):
                 name = describe(source)
                 if error is not None:
                     yield Prediction(source=name, probability=float("nan"), label="error", is_crack=False, error=error)
                 else:
                     label = model.label_for(float(p), threshold)
-                    yield Prediction(source=name, probability=float(p), label=label, is_crack=label == model.crack_class)
+                    yield Prediction(source=name, probability=float(p), label=label, is_crack=label == model.crack_class,
+                                     image_size=shape)
             pending = list(future_batch)
