@@ -267,11 +267,15 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
 def save_checkpoint(path: Path, model: nn.Module, opt, sched, progress: dict[str, Any]) -> None:
     """Weights, optimizer and scheduler state and progress, written atomically."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors[RNG_KEY] = torch.get_rng_state()  # dropout's draws: a resumed run goes on as the run would have
     opt_tensors, opt_info = _optimizer_tensors(opt)
     tensors.update(opt_tensors)
     doc = dict(progress, optimizer=opt_info, scheduler=sched.state_dict())
     atomic_save_tensors(path, tensors, {META_KEY: json.dumps(doc)})
 
+
+#: The checkpoint's copy of PyTorch's global random state, which dropout draws from.
+RNG_KEY = "rng.torch"
 
 #: What a checkpoint's progress record holds, besides the optimizer's and scheduler's state.
 _CHECKPOINT_FIELDS = ("history", "best_val_loss", "best_epoch", "phase", "epoch", "phase_epoch", "phase_done",
@@ -517,6 +521,8 @@ class Trainer:
         if resume is not None:
             tensors, doc = resume
             self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            if RNG_KEY in tensors:  # checkpoints written before it was kept resume with a fresh seed
+                torch.set_rng_state(tensors[RNG_KEY])
             self.history = doc["history"]
             self.elapsed_offset = float(self.history[-1].get("elapsed", 0)) if self.history else 0.0
             self.best_val_loss, self.best_epoch = doc["best_val_loss"], doc["best_epoch"]
