@@ -29,8 +29,10 @@ Real photos: both photos in ../shared/data/photos are scanned (dense); the verdi
 the overlays written to benchmarks/results/scan-photos/. The floor photo must flag its crack, the wall
 photo (cables, a hard negative) must flag nothing.
 
-Tiles come from --split RUN/split.csv (columns file,class,group,split; rows with split == test), or,
-without it, from blocks 18-20 of each class in blocks.csv.
+Tiles come from the test rows of the model's own split (columns file,class,group,split): --split
+RUN/split.csv, or by default the split.csv beside the model (for the shipped model runs/shipped/split.csv)
+when its hash is the one the model records. With --blocks B..., from those blocks of blocks.csv instead:
+only blocks the model never trained on, which the script cannot check.
 
     python benchmarks/mosaic.py --model RUN/model.safetensors
     python benchmarks/mosaic.py --split RUN/split.csv --mosaics 8 --grid 8x6
@@ -63,6 +65,17 @@ RESULTS = HERE / "results"
 TILE = 227
 #: Verdict thresholds the photo-sized mosaics are also judged at (the model's own is reported first).
 SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def model_split(model: Any) -> Path | None:
+    """The split.csv the model was trained with: beside it, or runs/shipped/ for the shipped model, when its
+    sha256 is the one in the model's metadata; None when there is none such."""
+    import hashlib
+
+    for candidate in (Path(model.path).parent / "split.csv", HERE.parent / "runs" / "shipped" / "split.csv"):
+        if candidate.is_file() and hashlib.sha256(candidate.read_bytes()).hexdigest() == model.meta.get("split_sha256"):
+            return candidate
+    return None
 
 
 def tile_files(data: Path, split: Path | None, blocks: tuple[int, ...], part: str = "test") -> dict[str, list[Path]]:
@@ -216,10 +229,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="model file or run folder (default: the shipped model)")
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--split", type=Path, help="RUN/split.csv: use its test rows")
+    parser.add_argument("--split", type=Path, help="RUN/split.csv: use its test rows (default: the model's own, "
+                                                   "found beside it by its hash)")
     parser.add_argument("--part", default="test", choices=["test", "val"],
                         help="with --split: the rows to use (default test; val to look at choices such as a threshold)")
-    parser.add_argument("--blocks", type=int, nargs="+", default=[18, 19, 20], help="blocks.csv blocks (default 18 19 20)")
+    parser.add_argument("--blocks", type=int, nargs="+",
+                        help="blocks.csv blocks to use instead of a split: only blocks the model never trained on")
     parser.add_argument("--mosaics", type=int, default=4)
     parser.add_argument("--grid", default="8x6", help="COLSxROWS tiles per mosaic (default 8x6)")
     parser.add_argument("--crack-share", type=float, default=0.3, help="share of crack tiles (default 0.3)")
@@ -244,7 +259,12 @@ def main() -> None:
     cols, rows = (int(v) for v in args.grid.lower().split("x"))
     if args.quick:
         args.mosaics, cols, rows, args.photo_mosaics = 1, 4, 3, 2
-    files = tile_files(args.data, args.split, tuple(args.blocks), args.part)
+    if args.split is None and not args.blocks:
+        args.split = model_split(model)
+        if args.split is None:  # any other default could hand the benchmark patches the model trained on
+            sys.exit("error: no split.csv of this model found beside it: pass --split RUN/split.csv, or --blocks B... "
+                     "of blocks it never trained on")
+    files = tile_files(args.data, args.split, tuple(args.blocks or ()), args.part)
     rng = np.random.default_rng(args.seed)
     # "dense" is scan's default (the dense head's map); "dense-verify-256" with its borders verified by crops;
     # "averaged-..." without the dense head (the classifier's head averaged over each patch's cells),
