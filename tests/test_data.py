@@ -117,6 +117,20 @@ def test_identical_file_in_both_classes_is_dropped(tmp_path):
     _assert_pixels_are_the_samples(ds, 32)
 
 
+def test_every_copy_of_a_file_in_both_classes_is_reported_as_dropped(tmp_path):
+    root = make_dataset(tmp_path, per_class=10)
+    shutil.copy(root / "Positive" / "00003.jpg", root / "Positive" / "00099.jpg")  # a copy in its own class
+    shutil.copy(root / "Positive" / "00003.jpg", root / "Negative" / "09999.jpg")  # and one in the other
+    ds = load_dataset(root, 32, quiet=True)
+    copies = {"Positive/00003.jpg", "Positive/00099.jpg", "Negative/09999.jpg"}
+    assert not copies & {s.rel for s in ds.samples}
+    write_problems(ds, tmp_path / "skipped.csv")
+    report = (tmp_path / "skipped.csv").read_text().splitlines()[1:]
+    assert {line.split(",", 1)[0] for line in report} == copies  # each once, none "kept once"
+    assert all("conflict" in line and "dropped" in line for line in report), report
+    assert ds.duplicates == []
+
+
 def test_corrupt_files_are_reported_and_skipped(tmp_path):
     root = make_dataset(tmp_path, per_class=10)
     (root / "Positive" / "00100.jpg").write_bytes(b"")

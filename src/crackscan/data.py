@@ -200,6 +200,12 @@ def load_dataset(
         for i in sorted(bad):
             others = ", ".join(sorted(conflicts[samples[i].sha1]))
             problems.append(Problem(samples[i].rel, f"identical to {others} in another class; label conflict, dropped"))
+        # Its copies went too (none was "kept once"): each is reported as the conflict it is.
+        dropped = {samples[i].rel for i in bad}
+        for copy, kept in duplicates:
+            if kept in dropped:
+                problems.append(Problem(copy, f"identical to {kept}, in conflict with another class; dropped"))
+        duplicates = [(copy, kept) for copy, kept in duplicates if kept not in dropped]
         samples = [s for i, s in enumerate(samples) if i not in bad]
         rows = [r for i, r in enumerate(rows) if i not in bad]
     for label, name in enumerate(classes):
