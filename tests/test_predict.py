@@ -94,3 +94,17 @@ def test_predict_points_a_whole_photo_to_scan(tiny_model_path, tmp_path, capsys)
     err = capsys.readouterr().err.splitlines()
     assert err == [f"note: {photo} is 800x600 px: predict squeezes it into one 64-px patch; for a photo use "
                    "`crackscan scan`"]
+
+
+def test_a_glob_matching_folders_searches_them_as_folders_named_are(tmp_path):
+    from PIL import Image
+
+    from crackscan.predict import expand_paths
+
+    for folder in ("site-a", "site-b/deeper"):
+        (tmp_path / folder).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / folder / "p.jpg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    found = list(expand_paths([str(tmp_path / "*")]))
+    assert found == [tmp_path / "notes.txt", tmp_path / "site-a" / "p.jpg", tmp_path / "site-b" / "deeper" / "p.jpg"]
+    assert list(expand_paths([str(tmp_path / "site-*")])) == found[1:]

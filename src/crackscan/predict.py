@@ -35,7 +35,7 @@ def expand_paths(items: Iterable[str | os.PathLike]) -> Iterator[Path]:
             yield from sorted(unsearchable)
         elif not path.exists() and not path.is_symlink() and glob.has_magic(text):
             matches = sorted(glob.glob(text, recursive=True))
-            yield from (Path(m) for m in matches) if matches else [path]
+            yield from expand_paths(matches) if matches else [path]  # a folder it matches is searched, as named
         else:
             yield path
 
