@@ -378,3 +378,12 @@ def test_a_refused_train_command_says_the_first_thing_wrong_and_leaves_no_run_fo
     assert main(["train", str(tiny_dataset), "--out", str(out), "--quiet"]) == 2  # the weights, then
     assert "--weights FILE" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_evaluate_notes_when_it_scores_the_training_folder_itself(trained_run, tiny_dataset, tmp_path, capsys):
+    model = str(trained_run / "model.safetensors")
+    assert main(["evaluate", model, str(tiny_dataset), "--out", str(tmp_path / "all")]) == 0
+    assert "is the folder this model was trained on" in capsys.readouterr().err
+    split = ["--split", str(trained_run / "split.csv")]
+    assert main(["evaluate", model, str(tiny_dataset), *split, "--out", str(tmp_path / "test")]) == 0
+    assert "trained on" not in capsys.readouterr().err

@@ -8,6 +8,7 @@ intervals on the counts (which assume independence and are therefore labelled as
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -228,6 +229,10 @@ def evaluate(
             raise DataError(f"{split_csv}: no '{split}' rows match files under {data}")
     else:
         idx = np.arange(len(dataset.samples))
+        trained_on = model.meta.get("training", {}).get("data")
+        if trained_on and Path(trained_on).resolve() == Path(data).resolve() and not quiet:
+            print(f"note: {data} is the folder this model was trained on: scores on all of it are not a test of "
+                  "it; pass --split RUN/split.csv to score its held-out test rows", file=sys.stderr)
     if target_recall is not None:
         if split_csv is None:
             raise DataError("--target-recall needs --split RUN/split.csv so the threshold is chosen on validation data")
