@@ -125,6 +125,13 @@ def odd_exif_jpeg(tags: list[tuple[int, int, bytes]]) -> bytes:
     return _jpeg(_dark_left_edge(), exif=b"Exif\x00\x00" + tiff)
 
 
+def flipped_byte(png: bytes) -> bytes:
+    """``png`` with a byte inside its compressed pixel data inverted: whole, but undecodable."""
+    data = bytearray(png)
+    data[png.find(b"IDAT") + 4 + 200] ^= 0xFF
+    return bytes(data)
+
+
 def unsupported_dds() -> bytes:
     """A DDS header (a format Pillow knows) with a pixel format its decoder does not: NotImplementedError."""
     header = struct.pack("<7I", 124, 0x1007, 64, 64, 0, 0, 0) + b"\0" * 44
@@ -198,6 +205,7 @@ def bad_files() -> dict[str, tuple[str, str, bytes]]:
         "empty.jpg": ("zero-byte file", "empty", b""),
         "truncated.jpg": ("JPEG cut in half", "truncated", whole[: len(whole) // 2]),
         "truncated.png": ("PNG cut in half", "truncated", png[: len(png) // 2]),
+        "damaged.png": ("PNG with one byte of its pixel data flipped", "cannot decode", flipped_byte(png)),
         "notes.jpg": ("a text file named .jpg", "not an image", "Inspection notes: wall B, 3rd floor.\n".encode() * 20),
         "bomb.png": ("PNG header claiming 60000x60000", "too large", png_bomb()),
         "bomb.jpg": ("JPEG header claiming 60000x60000", "too large", jpeg_bomb()),

@@ -31,7 +31,7 @@ from corpus import (
     permission_is_enforced,
     printable,
 )
-from crackscan.images import ImageError, load_image, load_patch
+from crackscan.images import ImageError, load_image, load_patch, oriented_size
 
 ENTRIES = corpus_entries()
 GOOD = [e for e in ENTRIES if e.ok]
@@ -128,6 +128,19 @@ def test_exif_orientation_is_applied(corpus, name):
         pixels = np.asarray(image).astype(int)
         # Orientation 6 turns the stored dark left edge into the top edge.
         assert pixels[:6].mean() < 40 < pixels[-6:].mean()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "WEBP"])
+def test_exif_orientation_of_other_formats_is_applied_once(corpus, tmp_path, fmt):
+    # Pillow turns a TIFF upright itself while loading (and drops its tag); PNG and WebP keep the tag for us.
+    stored = np.asarray(load_image(corpus / "exif-rotated.jpg"))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).transpose(Image.Transpose.ROTATE_90).save(
+        tmp_path / f"r.{fmt.lower()}", fmt, exif=exif.tobytes(), **({"lossless": True} if fmt == "WEBP" else {}))
+    upright = load_image(tmp_path / f"r.{fmt.lower()}")
+    assert upright.size == stored.shape[1::-1] and np.array_equal(np.asarray(upright), stored)
+    assert oriented_size((tmp_path / f"r.{fmt.lower()}").read_bytes()) == upright.size
 
 
 def test_an_orientation_stored_as_text_is_no_orientation(corpus):
@@ -455,3 +468,23 @@ def test_floating_point_tiff_scaled_to_one_is_not_read_as_black(tmp_path):
     assert pixels.min() == 0 and pixels.max() == 255
     Image.fromarray(ramp * 255, mode="F").save(tmp_path / "bytes.tif")
     np.testing.assert_allclose(np.asarray(load_image(tmp_path / "bytes.tif")).astype(int), pixels.astype(int), atol=1)
+
+
+def test_predict_writes_an_existing_file_in_a_folder_it_may_not_write_to(tmp_path, prefix):
+    # The report is written in place: the file's own permission counts, not its folder's (e.g. /dev/stdout).
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(tmp_path / "ok.jpg")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "r.csv").write_text("")
+    (tmp_path / "ro" / "r.csv").chmod(0o666)
+    (tmp_path / "ro").chmod(0o555)
+    try:
+        probe = subprocess.run([*prefix, sys.executable, "-c", "import os, sys; sys.exit(os.access(sys.argv[1], os.W_OK))",
+                                str(tmp_path / "ro")], capture_output=True)
+        if probe.returncode == 1:
+            pytest.skip("this process may write into a mode-555 folder (root without setpriv): nothing to test")
+        run = run_batch(prefix, {"p": ["predict", str(tmp_path / "ok.jpg"), "--format", "csv", "-o",
+                                       str(tmp_path / "ro" / "r.csv")]}, tmp_path)["p"]
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+    assert run.code == 0, run.err
+    assert (tmp_path / "ro" / "r.csv").read_text().startswith("file,crack_probability,label,error")

@@ -309,10 +309,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model_arg, items = _split_model(args.paths, args.model)
     if args.output:  # said now, not after the whole batch has run
         target = Path(args.output)
-        if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
-            raise ValueError(f"-o {target}: cannot write a file there ("
-                             + ("a folder" if target.is_dir() else "no such folder" if not target.parent.is_dir()
-                                else "permission denied") + ")")
+        why = ("a folder" if target.is_dir()
+               else ("permission denied" if not os.access(target, os.W_OK) else None) if target.exists()
+               else "no such folder" if not target.parent.is_dir()
+               else "permission denied" if not os.access(target.parent, os.W_OK) else None)
+        if why:
+            raise ValueError(f"-o {target}: cannot write a file there ({why})")
     model = load_model(model_arg)
     paths = _image_paths(items)
     failures = 0

@@ -66,16 +66,19 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     """A file's bytes, or an ImageError saying in plain words why they cannot be read."""
     path = Path(path)
     name = str(path)
-    if path.is_symlink() and not path.exists():
-        raise ImageError(name, "broken symbolic link")
-    if path.is_dir():
-        if not os.access(path, os.R_OK | os.X_OK):  # a folder crackscan was asked to search and could not
-            raise ImageError(name, "folder cannot be searched (permission denied)")
-        raise ImageError(name, "is a folder, not an image file")
-    if not path.exists():
-        raise ImageError(name, "no such file")
-    if not path.is_file():  # a pipe would block the batch forever, a device would fill the memory
-        raise ImageError(name, "not a regular file (a pipe, socket or device)")
+    try:  # looking at the path needs search permission on its folder
+        if path.is_symlink() and not path.exists():
+            raise ImageError(name, "broken symbolic link")
+        if path.is_dir():
+            if not os.access(path, os.R_OK | os.X_OK):  # a folder crackscan was asked to search and could not
+                raise ImageError(name, "folder cannot be searched (permission denied)")
+            raise ImageError(name, "is a folder, not an image file")
+        if not path.exists():
+            raise ImageError(name, "no such file")
+        if not path.is_file():  # a pipe would block the batch forever, a device would fill the memory
+            raise ImageError(name, "not a regular file (a pipe, socket or device)")
+    except PermissionError:
+        raise ImageError(name, "permission denied (its folder cannot be searched)") from None
     try:
         if path.stat().st_size > MAX_FILE_BYTES:
             raise ImageError(name, f"refused: {path.stat().st_size / 1e9:.1f} GB, over the "
@@ -122,12 +125,17 @@ def orientation(image: Image.Image) -> int:
     return value if isinstance(value, int) and value in _UPRIGHT else 1
 
 
-def oriented_size(data: bytes) -> tuple[int, int] | None:
-    """An image's ``(width, height)`` after EXIF rotation, from its header alone; None when the header is unusable."""
+def oriented_size(data: bytes, *, cheap: bool = False) -> tuple[int, int] | None:
+    """An image's ``(width, height)`` after EXIF rotation; None when the header is unusable.
+
+    A JPEG's orientation is read from its header. Pillow reports a TIFF's size upright already (and turns its
+    pixels when loading). A PNG or WebP may keep its EXIF after the pixels, which Pillow decodes to find it:
+    ``cheap`` skips that and gives the stored size (which has the same longest side).
+    """
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-            turn = orientation(image)
+            turn = 1 if image.format == "TIFF" or (cheap and image.format != "JPEG") else orientation(image)
     except Exception:  # load_image will decode it again and say why in its own words
         return None
     return (height, width) if turn >= 5 else (width, height)
@@ -145,7 +153,7 @@ def _open(source: ImageSource, name: str, max_pixels: int) -> Image.Image:
         limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))  # whichever refused it
         raise ImageError(name, f"refused: image too large ({claimed}over the {limit / 1e6:.0f}-MP limit)") from None
     except Exception as err:  # a format plugin may raise anything (NotImplementedError for some DDS files)
-        raise ImageError(name, f"cannot decode ({err or type(err).__name__})") from None
+        raise ImageError(name, f"cannot decode ({str(err) or type(err).__name__})") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -201,15 +209,21 @@ def load_image(
         raise ImageError(
             name, f"refused: {width}x{height} is {width * height / 1e6:.0f} MP, over the {max_pixels / 1e6:.0f}-MP limit"
         )
-    turn = orientation(image)
+    # The orientation is read after the pixels: for a PNG, reading it may load them, and a failure then would be
+    # swallowed (the EXIF is optional) and leave a half-decoded image that load() no longer complains about; a
+    # TIFF is turned upright by Pillow itself while loading, which removes its tag. A JPEG's is read first, from
+    # its header, for a reduced decode of the right shape.
+    turn = orientation(image) if reduce_to is not None and image.format == "JPEG" else None
     try:
-        if reduce_to is not None and image.format == "JPEG":
+        if turn is not None:
             # Orientation 5-8 swap the axes, so ask the decoder for the transposed size.
             w, h = reduce_to if turn < 5 else reduce_to[::-1]
             image.draft("RGB", (max(1, int(w)), max(1, int(h))))
         # The size was checked above; Pillow's own DecompressionBombWarning (over 89 MP) is not made an error
         # here, as warnings.catch_warnings would change the filters of every thread in the process.
         image.load()
+        if turn is None:
+            turn = orientation(image)
         if turn != 1:
             image = image.transpose(_UPRIGHT[turn])
         return _to_rgb(image)

@@ -17,11 +17,20 @@ from crackscan.runtime import cpu_count
 
 
 def expand_paths(items: Iterable[str | os.PathLike]) -> Iterator[Path]:
-    """Files, folders (searched recursively for image files) and glob patterns, in a stable order.
+    """Files, folders (searched recursively for image files) and glob patterns, in a stable order, each file once
+    (a ``**`` pattern matches a folder and the files in it).
 
     A name that matches nothing is still yielded, so that the reader reports it as missing; so is a folder that
     cannot be searched (no permission), after the images found, so that the reader reports it too.
     """
+    seen: set[Path] = set()
+    for path in _expand(items):
+        if path not in seen:
+            seen.add(path)
+            yield path
+
+
+def _expand(items: Iterable[str | os.PathLike]) -> Iterator[Path]:
     for item in items:
         text = str(item)
         path = Path(text)
@@ -35,7 +44,7 @@ def expand_paths(items: Iterable[str | os.PathLike]) -> Iterator[Path]:
             yield from sorted(unsearchable)
         elif not path.exists() and not path.is_symlink() and glob.has_magic(text):
             matches = sorted(glob.glob(text, recursive=True))
-            yield from expand_paths(matches) if matches else [path]  # a folder it matches is searched, as named
+            yield from _expand(matches) if matches else [path]  # a folder it matches is searched, as named
         else:
             yield path
 
@@ -50,7 +59,7 @@ def _decode(source: ImageSource, size: int) -> tuple[np.ndarray | None, str | No
     try:
         data = read_source(source, name)
         pixels = load_patch(data, size, name)
-        return pixels, None, oriented_size(data) if len(data) >= SIZE_CHECK_BYTES else None
+        return pixels, None, oriented_size(data, cheap=True) if len(data) >= SIZE_CHECK_BYTES else None
     except ImageError as err:
         return None, str(err), None
     except Exception as err:  # a decoder bug must not end a batch of thousands
