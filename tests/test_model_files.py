@@ -142,6 +142,17 @@ def test_saved_model_files_are_readable_by_others(tmp_path, state):
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
+def test_the_umask_is_read_without_being_changed():
+    from crackscan.model import _umask
+
+    old = os.umask(0o027)
+    try:
+        assert _umask() == 0o027
+        assert os.umask(0o027) == 0o027  # still what it was: nothing set it to 0 on the way
+    finally:
+        os.umask(old)
+
+
 class _RunsCode:
     """A pickle that, when unpickled without weights_only, creates a marker file."""
 

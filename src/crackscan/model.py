@@ -239,6 +239,15 @@ class CrackModel:
                              "file only classifies patches (predict, evaluate)")
         return self.module
 
+    def forget_graphs(self) -> None:
+        """Drop the ONNX graphs exported from this model's weights, so that the next inference exports them again:
+        needed after changing weights through ``.data`` (see :func:`weights_version`); other changes are seen."""
+        from crackscan.scan import _WHOLE_PASS
+
+        if self.module is not None:  # an exported ONNX file's graph is the model itself: kept
+            self._onnx = self._onnx_made_from = None
+            _WHOLE_PASS.pop(self.module, None)
+
     def preprocess(self, pixels: np.ndarray) -> torch.Tensor:
         """NxHxWx3 uint8 at the input size -> normalised float batch."""
         return normalize_batch(pixels, self.mean, self.std)
@@ -294,7 +303,10 @@ class CrackModel:
 
 def weights_version(module: nn.Module) -> tuple:
     """Changes whenever a weight tensor is replaced, added or written in place (PyTorch counts in-place writes
-    per tensor, ``load_state_dict`` included): the key of graphs exported from ``module``. About 1 ms."""
+    per tensor, ``load_state_dict`` included): the key of graphs exported from ``module``. About 1 ms.
+
+    Not counted: writes through a parameter's ``.data``, which PyTorch versions apart; after those, call
+    :meth:`CrackModel.forget_graphs`."""
     return tuple((name, t.data_ptr(), t._version) for name, t in module.state_dict().items())
 
 
@@ -366,6 +378,22 @@ def make_meta(
     return meta
 
 
+def _umask() -> int:
+    """The process's umask, without setting it: os.umask can only read it by changing it, for every thread at
+    once (a file another thread creates meanwhile would get mode 0666), so it is read from /proc where Linux
+    shows it, and changed and restored only where it does not."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o077)  # briefly the strictest, so a file created meanwhile is private, not open to all
+    os.umask(umask)
+    return umask
+
+
 def atomic_write(path: str | os.PathLike, fill: Callable[[str], None]) -> Path:
     """Have ``fill`` write a temporary file in ``path``'s folder, fsync it, then rename it to ``path``: readers
     never see half a file, and a failed write leaves the previous file as it was."""
@@ -378,9 +406,7 @@ def atomic_write(path: str | os.PathLike, fill: Callable[[str], None]) -> Path:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         # mkstemp makes the file private (0600) and the rename keeps that; give it the mode any new file gets.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
