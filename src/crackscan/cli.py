@@ -18,53 +18,32 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 DISCLAIMER = "crackscan is a decision aid: it does not replace a professional structural assessment."
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _ranged(convert: Callable[[str], Any], within: Callable[[Any], bool], says: str, name: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert`` the text, and refuse a value outside ``within`` ("must <says>, got X").
+    ``name`` is what argparse calls it when the text does not convert ("invalid NAME value")."""
+    def parse(text: str) -> Any:
+        value = convert(text)
+        if not within(value):  # a NaN is within nothing
+            raise argparse.ArgumentTypeError(f"must {says}, got {text}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number in 0..65535, got {text}")
-    return value
-
-
-def _upload_mb(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 10_000:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"must be a size in MB above 0 and at most 10000, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
-    return value
+_positive_int = _ranged(int, lambda v: v > 0, "be a positive integer", "positive integer")
+_non_negative_int = _ranged(int, lambda v: v >= 0, "be 0 or a positive integer", "integer")
+_port = _ranged(int, lambda v: 0 <= v <= 65535, "be a port number in 0..65535", "port")
+_upload_mb = _ranged(float, lambda v: 0 < v <= 10_000, "be a size in MB above 0 and at most 10000", "size")
+_probability = _ranged(float, lambda v: 0.0 <= v <= 1.0, "lie in [0, 1]", "probability")
+_fraction = _ranged(float, lambda v: 0.0 <= v < 1.0, "lie in [0, 1)", "fraction")
 
 
 def build_parser() -> argparse.ArgumentParser:
