@@ -271,6 +271,11 @@ def _decode(source: ImageSource, scale: float, max_pixels: int = MAX_PIXELS
     if size is None or target is None:
         size = decoded.size
         target = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+    elif (decoded.width > decoded.height) != (size[0] > size[1]) and decoded.width != decoded.height:
+        # The pixels decide: the header's reading of the orientation can differ from the decoder's (Pillow
+        # versions differ in turning TIFFs upright themselves), and the scan must not stretch the photo.
+        size = size[::-1]
+        target = target[::-1]
     scaled = decoded
     if decoded.size != target:
         # Bilinear with antialiasing, as load_patch resizes the training patches.
