@@ -175,7 +175,8 @@ and precision {fmt_ci(v, 'precision')} ({v['n']} images). The network's probabil
 {v['roc_auc']:.5f} on validation): only {unsure} of the {len(probs)} validation patch(es) score between 0.1 and 0.9, so
 any threshold in that range changes at most {unsure} answer(s) there. Change it
 per call with `--threshold`, or choose one on your own validation data with
-`crackscan evaluate MODEL DATA --split SPLIT.csv --target-recall R`, which stores it in the model file.{scan_threshold_line}
+`crackscan evaluate MODEL DATA --split SPLIT.csv --target-recall R`, which stores it in the model file (a copy of
+this one: the model shipped with crackscan is never rewritten).{scan_threshold_line}
 
 ## Whole photos
 `crackscan scan` on the two real 4032×3024 phone photos in `../shared/data/photos/` (patch size 227 px):
