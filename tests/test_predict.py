@@ -108,7 +108,8 @@ def test_a_glob_matching_folders_searches_them_as_folders_named_are(tmp_path):
     found = list(expand_paths([str(tmp_path / "*")]))
     assert found == [tmp_path / "notes.txt", tmp_path / "site-a" / "p.jpg", tmp_path / "site-b" / "deeper" / "p.jpg"]
     assert list(expand_paths([str(tmp_path / "site-*")])) == found[1:]
-    # "**" matches the folders and the files in them: each file still comes once.
+    # "**" matches the folders and the files in them: each file still comes once, also through a link to a folder.
+    (tmp_path / "link-to-a").symlink_to(tmp_path / "site-a", target_is_directory=True)
     assert list(expand_paths([str(tmp_path / "**")])) == [tmp_path / "site-a" / "p.jpg",
                                                           tmp_path / "site-b" / "deeper" / "p.jpg", found[0]]
 

@@ -677,17 +677,18 @@ def test_cli_scans_at_the_training_scale_unless_told(tiny_model_path, tmp_path, 
     assert f"training scale, {PATCH_SIZE} px" in " ".join(capsys.readouterr().out.split())  # the help names it
 
 
-def test_an_oriented_tiff_is_scanned_upright_and_unstretched(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["TIFF", "PNG"])
+def test_an_oriented_tiff_or_png_is_scanned_upright_and_unstretched(tmp_path, monkeypatch, fmt):
     import crackscan.scan as scan_module
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8))
     exif = Image.Exif()
     exif[0x0112] = 6
-    image.save(tmp_path / "r.tif", "TIFF", exif=exif.tobytes())
-    decoded, scaled, size = scan_module._decode(tmp_path / "r.tif", 0.5)
+    image.save(tmp_path / "r.img", fmt, exif=exif.tobytes())
+    decoded, scaled, size = scan_module._decode(tmp_path / "r.img", 0.5)
     assert decoded.size == size == (300, 500) and scaled.size == (150, 250)
     # Pillow versions differ in turning TIFFs upright while loading: when the header's reading of the orientation
     # disagrees with the decoded pixels, the pixels decide and the photo is not stretched to the other shape.
-    monkeypatch.setattr(scan_module, "oriented_size", lambda data: (500, 300))
-    decoded, scaled, size = scan_module._decode(tmp_path / "r.tif", 0.5)
+    monkeypatch.setattr(scan_module, "oriented_size", lambda data, **options: (500, 300))
+    decoded, scaled, size = scan_module._decode(tmp_path / "r.img", 0.5)
     assert decoded.size == size == (300, 500) and scaled.size == (150, 250)

@@ -214,6 +214,32 @@ def test_serve_refuses_what_it_cannot_run_in_one_line_before_loading(tiny_model_
         assert exited.value.code == 2 and "Traceback" not in capsys.readouterr().err
 
 
+def test_the_listen_check_binds_as_the_server_does():
+    import asyncio
+    import socket
+
+    from crackscan.serve import _check_listen
+
+    # An address that is not this machine's ends the server: said before, not skipped.
+    with pytest.raises(OSError, match="cannot listen on 192.0.2.1:8765"):
+        _check_listen("192.0.2.1", 8765)  # TEST-NET-1: never a local address
+    try:
+        socket.socket(socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 on this machine")
+    with socket.socket() as taken:  # an IPv4-only listener does not stop an IPv6-only server on the same port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        _check_listen("::", port)
+
+        async def serve_once() -> None:
+            server = await asyncio.start_server(lambda r, w: None, host="::", port=port)
+            server.close()
+
+        asyncio.run(serve_once())  # and the server itself agrees
+
+
 # ------------------------------------------------------------------------------------- bad requests
 
 

@@ -387,7 +387,7 @@ def _umask() -> int:
             for line in status:
                 if line.startswith("Umask:"):
                     return int(line.split()[1], 8)
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError):
         pass
     umask = os.umask(0o077)  # briefly the strictest, so a file created meanwhile is private, not open to all
     os.umask(umask)

@@ -25,8 +25,12 @@ def expand_paths(items: Iterable[str | os.PathLike]) -> Iterator[Path]:
     """
     seen: set[Path] = set()
     for path in _expand(items):
-        if path not in seen:
-            seen.add(path)
+        try:  # the same file by two names (a glob goes through links to folders) is read once
+            key = path.resolve() if path.exists() else path
+        except OSError:  # a link loop, a folder that cannot be searched: the reader says what is wrong
+            key = path
+        if key not in seen:
+            seen.add(key)
             yield path
 
 

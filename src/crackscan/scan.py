@@ -259,7 +259,9 @@ def _decode(source: ImageSource, scale: float, max_pixels: int = MAX_PIXELS
     """:func:`decode_scaled`, plus the decoded image before its resize (for an overlay sharper than the scan)."""
     name = describe(source)
     data = read_source(source, name)
-    size = oriented_size(data)
+    # Cheap: a PNG's EXIF is not looked for by decoding it twice; when its orientation turns the photo, the
+    # decoded pixels below decide (a JPEG's is read from its header, as its reduced decode needs it).
+    size = oriented_size(data, cheap=True)
     target = None
     if size is not None:
         target = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))

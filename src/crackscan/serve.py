@@ -494,28 +494,32 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
 def _check_listen(host: str, port: int) -> None:
     """An OSError naming the address when nothing can listen on it (a port in use, a host not this machine's),
     before the model loads; uvicorn would log it and exit with a code of its own."""
-    import errno
     import socket
 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as err:
         raise OSError(f"cannot listen on {host}:{port} ({err.strerror or err})") from None
-    bound, failure = 0, None
-    # Every address the name gives, as the server binds them; one this machine lacks (IPv6 switched off) is
-    # skipped as asyncio skips it, any other failure (a port in use) is said.
+    # Every address the name gives, bound as asyncio's server binds it: a family this machine cannot make a
+    # socket of is skipped, IPv6 sockets are IPv6-only, and any failure to bind (a port in use, an address not
+    # this machine's) is said, as it would end the server.
+    tried = 0
     for family, kind, proto, _, address in infos:
         try:
-            with socket.socket(family, kind, proto) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe = socket.socket(family, kind, proto)
+        except OSError:
+            continue
+        tried += 1
+        with probe:
+            try:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 probe.bind(address)
-            bound += 1
-        except OSError as err:
-            if err.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            except OSError as err:
                 raise OSError(f"cannot listen on {host}:{port} ({err.strerror or err})") from None
-            failure = err
-    if not bound:
-        raise OSError(f"cannot listen on {host}:{port} ({failure.strerror if failure else 'no address'})")
+    if not tried:
+        raise OSError(f"cannot listen on {host}:{port} (no address of it can be used here)")
 
 
 def _model_file(model_path: str | None) -> Path:
