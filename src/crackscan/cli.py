@@ -280,10 +280,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if metrics["skipped_files"] else EXIT_OK
 
 
+def _note_a_whole_photo(command: str, source: object, size: Sequence[int], input_size: int, instead: str) -> None:
+    """Say on stderr when an image is far larger than a training patch: ``command`` classifies it as one patch."""
+    from crackscan.scan import PATCH_SIZE
+
+    width, height = size
+    if max(width, height) > 2 * PATCH_SIZE:
+        print(f"note: {source} is {width}x{height} px: {command} squeezes it into one {input_size}-px patch; "
+              f"for a photo use `{instead}`", file=sys.stderr)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from crackscan.model import load_model
     from crackscan.predict import predict_sources
-    from crackscan.scan import PATCH_SIZE
 
     model_arg, items = _split_model(args.paths, args.model)
     if args.output:  # said now, not after the whole batch has run
@@ -306,10 +315,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if pred.error:
             failures += 1
             print(f"error: {pred.error}", file=sys.stderr)
-        if pred.image_size and max(pred.image_size) > 2 * PATCH_SIZE:
-            width, height = pred.image_size
-            print(f"note: {pred.source} is {width}x{height} px: predict squeezes it into one {model.input_size}-px "
-                  f"patch; for a photo use `crackscan scan`", file=sys.stderr)
+        if pred.image_size:
+            _note_a_whole_photo("predict", pred.source, pred.image_size, model.input_size, "crackscan scan")
         if table:
             if not pred.error:
                 print(f"{pred.probability:>17.4f}  {pred.label:<10} {pred.source}", flush=False)
@@ -359,7 +366,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from crackscan.explain import explain_image
     from crackscan.images import ImageError
     from crackscan.model import load_model
-    from crackscan.scan import PATCH_SIZE, unique_stem
+    from crackscan.scan import unique_stem
 
     model_arg, items = _split_model(args.paths, args.model)
     model = load_model(model_arg)
@@ -378,10 +385,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             print(f"error: {path}: cannot explain ({type(err).__name__}: {err})", file=sys.stderr)
             continue
         print(f"{result['crack_probability']:.4f}  {result['label']:<10} {path}  -> {result['overlay']}")
-        width, height = result["image_size"]
-        if max(width, height) > 2 * PATCH_SIZE:
-            print(f"note: {path} is {width}x{height} px: explain squeezes it into one {model.input_size}-px patch; "
-                  f"for a photo use `crackscan scan --map gradcam`", file=sys.stderr)
+        _note_a_whole_photo("explain", path, result["image_size"], model.input_size, "crackscan scan --map gradcam")
     return EXIT_SOME_FAILED if failures else EXIT_OK
 
 

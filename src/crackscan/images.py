@@ -80,9 +80,10 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     except PermissionError:
         raise ImageError(name, "permission denied (its folder cannot be searched)") from None
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise ImageError(name, f"refused: {path.stat().st_size / 1e9:.1f} GB, over the "
-                                   f"{MAX_FILE_BYTES / 1e9:.0f}-GB limit of an image file")
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ImageError(name, f"refused: {size / 1e9:.1f} GB, over the {MAX_FILE_BYTES / 1e9:.0f}-GB limit of "
+                                   "an image file")
         return path.read_bytes()
     except PermissionError:
         raise ImageError(name, "permission denied") from None
