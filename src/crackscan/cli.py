@@ -253,11 +253,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from crackscan.evaluate import evaluate
 
-    from crackscan.model import default_model_path
+    from crackscan.model import is_shipped_model
 
     model_path = Path(args.model)
     base = model_path if model_path.is_dir() else model_path.parent
-    if base.resolve() == default_model_path().parent.resolve():
+    if is_shipped_model(model_path):
         base = Path.cwd()  # not into the installed package
     name = f"eval-{Path(args.data).resolve().name or 'data'}" + (f"-{args.subset}" if args.split else "")
     out = Path(args.out) if args.out else base / name

@@ -207,10 +207,10 @@ def evaluate(
         backend: Inference backend (see :meth:`crackscan.model.CrackModel.crack_probability`).
     """
     from crackscan.data import DataError, apply_split, load_dataset, read_split
-    from crackscan.model import default_model_path, load_model
+    from crackscan.model import is_shipped_model, load_model
 
     model = load_model(model_path)
-    if (target_recall is not None or scan_mosaics) and Path(model.path).resolve() == default_model_path().resolve():
+    if (target_recall is not None or scan_mosaics) and is_shipped_model(model.path):
         raise DataError(f"{model.path} is the model shipped with crackscan, which every command uses by default: it "
                         "is not rewritten. Copy it and choose thresholds for the copy (cp ... my-model.safetensors)")
     # An ONNX file can neither scan nor be saved: say so before loading the data.

@@ -484,6 +484,11 @@ def default_model_path() -> Path:
     return Path(str(resources.files("crackscan") / "weights" / SHIPPED_MODEL))
 
 
+def is_shipped_model(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is the model shipped inside the package: read, never written (nor written beside)."""
+    return Path(path).resolve() == default_model_path().resolve()
+
+
 def load_model(path: str | os.PathLike | None = None) -> CrackModel:
     """Load a crackscan model file (the shipped model when ``path`` is None).
 
