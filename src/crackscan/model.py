@@ -156,7 +156,8 @@ class Prediction:
     label: str
     is_crack: bool
     error: str | None = None
-    #: ``(width, height)`` upright, for files large enough to be more than a patch (None otherwise).
+    #: ``(width, height)``, for files large enough to be more than a patch (None otherwise): upright for a JPEG,
+    #: as stored for other formats (whose orientation would cost a second decode to read).
     image_size: tuple[int, int] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
