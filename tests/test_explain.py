@@ -134,3 +134,18 @@ def test_explain_points_a_whole_photo_to_scan(tiny_model_path, tmp_path, capsys)
     assert capsys.readouterr().err.splitlines() == [
         f"note: {photo} is 1200x900 px: explain squeezes it into one {size}-px patch; "
         "for a photo use `crackscan scan --map gradcam`"]
+
+
+def test_explain_with_an_onnx_model_is_one_error_before_any_output(tiny_model_path, tmp_path, capsys):
+    from crackscan.cli import main
+    from crackscan.export import export_onnx
+
+    onnx_file = export_onnx(load_model(tiny_model_path), tmp_path / "m.onnx").path
+    images = []
+    for i in range(3):
+        images.append(tmp_path / f"p{i}.png")
+        Image.fromarray(crack_on_left(64, seed=i)).save(images[-1])
+    assert main(["explain", onnx_file, *map(str, images), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("Grad-CAM needs the PyTorch model") == 1
+    assert not (tmp_path / "out").exists()

@@ -270,3 +270,43 @@ def test_exported_files_are_models_for_predict_and_evaluate(model, patches, fp32
     # So does a threshold saved in the model: an ONNX file is not rewritten.
     assert main(["evaluate", str(path), str(tmp_path / "absent"), "--split", "s.csv", "--target-recall", "0.9"]) == 2
     assert "saving a threshold in the model needs the PyTorch model" in capsys.readouterr().err
+
+
+def test_export_cli_refuses_outputs_and_inputs_before_the_work(tiny_model_path, patches, tmp_path, capsys):
+    model_copy = tmp_path / "mine.safetensors"
+    model_copy.write_bytes(tiny_model_path.read_bytes())
+    before = model_copy.read_bytes()
+    # Not over the model file itself (nor any file not named *.onnx: crackscan knows ONNX models by suffix).
+    assert main(["export", str(model_copy), "-o", str(model_copy)]) == 2
+    assert "must end in .onnx" in capsys.readouterr().err
+    assert model_copy.read_bytes() == before
+    # An output that cannot be written is said at once, under the name given.
+    (tmp_path / "folder.onnx").mkdir()
+    assert main(["export", str(model_copy), "-o", str(tmp_path / "folder.onnx")]) == 2
+    assert "-o " + str(tmp_path / "folder.onnx") + ": cannot write a file there (a folder)" in capsys.readouterr().err
+    assert main(["export", str(model_copy), "-o", str(tmp_path / "absent" / "m.onnx")]) == 2
+    assert "cannot write a file there (no such folder)" in capsys.readouterr().err
+    # A folder of images that holds none is an error, not a silent fall-back to generated patches.
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(model_copy), "--parity", str(tmp_path / "empty"), "-o", str(tmp_path / "p.onnx")]) == 2
+    assert "no image files in" in capsys.readouterr().err
+    assert main(["export", str(model_copy), "--int8", "--calibration", str(tmp_path / "empty"),
+                 "-o", str(tmp_path / "q.onnx")]) == 2
+    assert "no image files in" in capsys.readouterr().err
+    # Calibration images without --int8 would be ignored: said, not ignored.
+    assert main(["export", str(model_copy), "--calibration", str(patches[0].parent), "-o", str(tmp_path / "c.onnx")]) == 2
+    assert "--calibration is for --int8 exports only" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "folder.onnx", "mine.safetensors"]
+
+
+def test_export_cli_exit_code_says_skipped_parity_images(tiny_model_path, patches, tmp_path, capsys):
+    folder = tmp_path / "parity"
+    folder.mkdir()
+    for p in patches[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    assert main(["export", str(tiny_model_path), "--parity", str(folder), "-o", str(tmp_path / "m.onnx")]) == 1
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["n_parity"] == 3 and len(report["skipped"]) == 1 and "broken.jpg" in captured.err
+    assert (tmp_path / "m.onnx").is_file()

@@ -290,19 +290,23 @@ def _note_a_whole_photo(command: str, source: object, size: Sequence[int], input
               f"for a photo use `{instead}`", file=sys.stderr)
 
 
+def _check_output_file(target: Path, flag: str = "-o") -> None:
+    """Refuse, before any work, an output file that cannot be written."""
+    why = ("a folder" if target.is_dir()
+           else ("permission denied" if not os.access(target, os.W_OK) else None) if target.exists()
+           else "no such folder" if not target.parent.is_dir()
+           else "permission denied" if not os.access(target.parent, os.W_OK) else None)
+    if why:
+        raise ValueError(f"{flag} {target}: cannot write a file there ({why})")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from crackscan.model import load_model
     from crackscan.predict import predict_sources
 
     model_arg, items = _split_model(args.paths, args.model)
     if args.output:  # said now, not after the whole batch has run
-        target = Path(args.output)
-        why = ("a folder" if target.is_dir()
-               else ("permission denied" if not os.access(target, os.W_OK) else None) if target.exists()
-               else "no such folder" if not target.parent.is_dir()
-               else "permission denied" if not os.access(target.parent, os.W_OK) else None)
-        if why:
-            raise ValueError(f"-o {target}: cannot write a file there ({why})")
+        _check_output_file(Path(args.output))
     model = load_model(model_arg)
     paths = _image_paths(items)
     failures = 0
@@ -370,6 +374,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     model_arg, items = _split_model(args.paths, args.model)
     model = load_model(model_arg)
+    model.network("Grad-CAM")  # an ONNX file: one error now, not one per image
     out = _output_folder(args.out)
     failures, used = 0, set()
     for path in _image_paths(items):
@@ -392,20 +397,23 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from crackscan.export import export_onnx
     from crackscan.model import load_model
-    from crackscan.predict import expand_paths
 
+    if args.int8 and not args.calibration:
+        _err("--int8 needs --calibration DIR (a folder of training images)")
+        return EXIT_ERROR
+    if args.calibration and not args.int8:
+        _err("--calibration is for --int8 exports only (an fp32 export needs no calibration): add --int8 or drop it")
+        return EXIT_ERROR
     model = load_model(args.model)
     suffix = ".int8.onnx" if args.int8 else ".onnx"
     # Default: the current folder, never inside the installed package where the shipped model lives.
     output = Path(args.output) if args.output else Path(Path(model.path).stem + suffix)
-    if args.int8 and not args.calibration:
-        _err("--int8 needs --calibration DIR (a folder of training images)")
-        return EXIT_ERROR
-    calibration = list(expand_paths([args.calibration])) if args.calibration else None
-    parity = list(expand_paths([args.parity])) if args.parity else None
+    _check_output_file(output, "-o" if args.output else "the output file")  # before the work, not after
+    calibration = _image_paths([args.calibration]) if args.calibration else None
+    parity = _image_paths([args.parity]) if args.parity else None
     report = export_onnx(model, output, int8=args.int8, calibration=calibration, parity=parity)
     print(json.dumps(report.to_dict(), indent=2))
-    return EXIT_OK
+    return EXIT_SOME_FAILED if report.skipped else EXIT_OK  # each skipped image was reported as it was met
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -570,9 +570,12 @@ def export_onnx(
 
     Raises:
         ExportError: An fp32 export whose logits differ from PyTorch's by more than 1e-3.
-        ValueError: ``int8`` without calibration images, or no readable calibration/parity image.
+        ValueError: ``path`` not named ``*.onnx``, ``int8`` without calibration images, or no readable
+            calibration/parity image.
     """
     path = Path(path)
+    if path.suffix.lower() != ".onnx":  # crackscan knows an ONNX model by its suffix; this also spares model files
+        raise ValueError(f"{path}: an ONNX export's file name must end in .onnx")
     if int8 and not calibration:
         raise ValueError("int8 export needs calibration images (training images of every class, a few hundred)")
     skipped: list[str] = []

@@ -400,7 +400,10 @@ def atomic_write(path: str | os.PathLike, fill: Callable[[str], None]) -> Path:
     never see half a file, and a failed write leaves the previous file as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # said of the file asked for, not of a temporary name the user never gave
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from None
     os.close(fd)
     try:
         fill(tmp)
