@@ -61,21 +61,31 @@ def test_threshold_reaches_the_target_recall(target):
     t = threshold_for_recall(y, prob, target)
     recall = ((prob >= t) & (y == 1)).sum() / y.sum()
     assert recall >= target
-    # and it is the highest such threshold: any higher one misses the target
-    higher = prob[prob > t]
-    if len(higher):
-        t2 = higher.min()
-        assert ((prob >= t2) & (y == 1)).sum() / y.sum() < target
+    # As few false alarms as the target allows: the next score above it misses the target ...
+    above = prob[prob >= t].min()
+    assert ((prob > above) & (y == 1)).sum() / y.sum() < target
+    # ... and it lies in the middle of its gap between two scores, not on either of them.
+    below = prob[prob < t].max()
+    assert t == pytest.approx((above + below) / 2)
 
 
 @pytest.mark.parametrize("target", [0.07, 0.29, 0.57, 0.58])
-def test_threshold_for_recall_is_the_highest_reaching_it_despite_rounding(target):
+def test_threshold_for_recall_counts_despite_rounding(target):
     # 100 positives scoring 1.00, 0.99, ...: recall target*100 is reached first at the (target*100)-th score.
     # (target * 100 is not exact in floating point for these: 7.000000000000001, 28.999999999999996, ...)
     prob = np.linspace(1.0, 0.01, 100)
     k = round(target * 100)
     threshold = threshold_for_recall(np.ones(100, int), prob, target)
-    assert threshold == prob[k - 1] and (prob >= threshold).sum() == k
+    assert prob[k] < threshold < prob[k - 1] and (prob >= threshold).sum() == k
+
+
+def test_threshold_for_recall_of_saturated_scores_is_not_one():
+    # A confident model: every validation crack scores exactly 1.0 in float32. Recall 1.0 is reached anywhere
+    # above the highest crack-free score; at 1.0 itself a crack scoring 0.99999988 would be missed.
+    prob = np.array([1.0] * 20 + [0.2, 0.05, 0.001], dtype=np.float32)
+    y = np.array([1] * 20 + [0] * 3)
+    assert threshold_for_recall(y, prob, 1.0) == pytest.approx(0.6)
+    assert threshold_for_recall(np.ones(3, int), np.ones(3, np.float32), 0.9) == 0.5  # nothing below: middle of (0, 1]
 
 
 def test_threshold_needs_positives():

@@ -131,6 +131,26 @@ def test_scan_threshold_chosen_by_evaluate_is_stored(trained_run, tiny_dataset, 
     assert meta["scan_calibration"]["photos"] == 4 and meta["scan_calibration"]["patch_threshold"] == meta["threshold"]
 
 
+def test_evaluate_that_fails_choosing_thresholds_leaves_the_model_file_as_it_was(trained_run, tiny_dataset, tmp_path,
+                                                                               capsys):
+    model_file = tmp_path / "m.safetensors"
+    model_file.write_bytes((trained_run / "model.safetensors").read_bytes())
+    before = model_file.read_bytes()
+    # Validation rows without a crack-free patch: the recall threshold can be chosen, the scan threshold cannot.
+    lines = (trained_run / "split.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    kept = [lines[0]] + [line for line in lines[1:]
+                         if not (line.split(",")[header.index("split")] == "val"
+                                 and line.split(",")[header.index("class")] == "Negative")]
+    split = tmp_path / "split.csv"
+    split.write_text("\n".join(kept) + "\n")
+    code = main(["evaluate", str(model_file), str(tiny_dataset), "--split", str(split), "--target-recall", "0.9",
+                 "--scan-mosaics", "4", "--out", str(tmp_path / "ev"), "--quiet"])
+    assert code == 2
+    assert "the model file was not changed" in capsys.readouterr().err
+    assert model_file.read_bytes() == before
+
+
 def test_offline_without_weights_file_is_a_clear_error(tiny_dataset, tmp_path, capsys, monkeypatch):
     # Point torch's cache at an empty folder: the real download path runs and fails on this offline machine.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -117,20 +117,28 @@ def compute_metrics(
 
 
 def threshold_for_recall(y: np.ndarray, prob: np.ndarray, target: float) -> float:
-    """The highest threshold whose recall on (validation) data reaches ``target``.
+    """A threshold that flags at least ``target`` of the positives of (validation) data, as few negatives as that
+    allows, and lies in the middle of its gap between two scores.
 
-    The highest such threshold keeps precision as high as the recall requirement allows.
+    The highest threshold reaching ``target`` is the score of the positive that just reaches it, and every
+    threshold between that score and the next lower score (of either class) gives the same answers on this
+    data. The middle of that gap is chosen rather than its top edge: at the edge, a crack that scores a hair
+    lower than that positive is missed, and with a confident model whose validation cracks all score 1.0 the
+    edge is 1.0 itself.
     """
     if not 0 < target <= 1:
         raise ValueError(f"target recall must be in (0, 1], got {target}")
     y = np.asarray(y, dtype=int)
-    positives = np.sort(np.asarray(prob)[y == 1])[::-1]
+    prob = np.asarray(prob, dtype=np.float64)
+    positives = np.sort(prob[y == 1])[::-1]
     if len(positives) == 0:
         raise ValueError("no crack images in the validation data: cannot choose a threshold for recall")
     # This many positives must score >= threshold; the product's rounding error (0.07 * 100 is 7.000000000000001)
     # must not ask for one more.
     k = max(1, int(np.ceil(target * len(positives) - 1e-9)))
-    return float(positives[k - 1])
+    top = positives[k - 1]
+    below = prob[prob < top]
+    return float((top + below.max()) / 2 if below.size else top / 2)
 
 
 def write_report(
@@ -233,6 +241,8 @@ def evaluate(
         if trained_on and Path(trained_on).resolve() == Path(data).resolve() and not quiet:
             print(f"note: {data} is the folder this model was trained on: scores on all of it are not a test of "
                   "it; pass --split RUN/split.csv to score its held-out test rows", file=sys.stderr)
+    # Thresholds are chosen first and saved together at the end: a step that fails leaves the model file as it was.
+    said: list[str] = []
     if target_recall is not None:
         if split_csv is None:
             raise DataError("--target-recall needs --split RUN/split.csv so the threshold is chosen on validation data")
@@ -246,12 +256,10 @@ def evaluate(
         stale = model.meta.pop("scan_threshold", None) is not None
         model.meta.pop("scan_threshold_source", None)
         model.meta.pop("scan_calibration", None)
-        _save_with_thresholds(model)
-        if not quiet:
-            print(f"threshold {threshold:.4f} reaches recall {target_recall} on validation; saved in {model.path}")
-            if stale and not scan_mosaics:
-                print("the scan threshold, chosen for the old threshold, was removed: scans judge at the new one "
-                      "until --scan-mosaics N chooses another")
+        said.append(f"threshold {threshold:.4f} reaches recall {target_recall} on validation; saved in {model.path}")
+        if stale and not scan_mosaics:
+            said.append("the scan threshold, chosen for the old threshold, was removed: scans judge at the new one "
+                        "until --scan-mosaics N chooses another")
     if scan_mosaics:
         if split_csv is None:
             raise DataError("--scan-mosaics needs --split RUN/split.csv so the threshold is chosen on validation data")
@@ -262,12 +270,14 @@ def evaluate(
                                          dataset.indices("val"), photos=scan_mosaics, backend=backend,
                                          progress=not quiet, say=lambda *a: None if quiet else print(*a))
         except ValueError as err:
-            raise DataError(f"{split_csv}: {err}") from None
+            raise DataError(f"{split_csv}: {err}; the model file was not changed") from None
         store(model, calibration,
               f"{calibration.photos} photo-sized mosaics of the validation split of {Path(split_csv).name}")
+        said.append(f"scan threshold {calibration.threshold:.4f} saved in {model.path}")
+    if said:
         _save_with_thresholds(model)
         if not quiet:
-            print(f"scan threshold {calibration.threshold:.4f} saved in {model.path}")
+            print("\n".join(said))
     y = (dataset.labels(idx) == dataset.crack_index).astype(int)
     prob = model.crack_probability(dataset.pixels[idx], backend)
     groups = [dataset.samples[i].group for i in idx] if split_csv is not None else None
