@@ -149,3 +149,33 @@ def test_explain_with_an_onnx_model_is_one_error_before_any_output(tiny_model_pa
     err = capsys.readouterr().err
     assert err.count("Grad-CAM needs the PyTorch model") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_crop_edge_padded_repeats_the_photos_edge_as_the_scan_pads():
+    from crackscan.explain import _crop_edge_padded
+
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    assert np.array_equal(_crop_edge_padded(rgb, (1, 1, 4, 3)), rgb[1:3, 1:4])
+    expected = np.pad(rgb, ((2, 3), (1, 4), (0, 0)), mode="edge")  # box (-1, -2, 11, 8)
+    assert np.array_equal(_crop_edge_padded(rgb, (-1, -2, 11, 8)), expected)
+
+
+def test_gradcam_map_explains_every_flagged_region_weighed_by_the_map(head_model):
+    import dataclasses
+
+    tiles = [crack_on_left(227, seed=s) for s in range(8)]
+    photo = Image.fromarray(np.concatenate([np.concatenate(tiles[:4], 1), np.concatenate(tiles[4:], 1)], 0))
+    scaled = photo.resize((photo.width * HEAD_SIZE // 227, photo.height * HEAD_SIZE // 227))
+    result = scan_scaled(head_model, scaled, photo.size, threshold=0.5)
+    rows, cols = result.map_shape
+    assert cols >= 8
+    # A strong region of many cells on the left, a weaker one-cell region at the right edge.
+    probability = np.zeros((rows, cols), dtype=np.float32)
+    probability[:, : cols // 2] = np.linspace(0.99, 0.9, rows * (cols // 2)).reshape(rows, cols // 2)
+    probability[0, cols - 1] = 0.6
+    faked = dataclasses.replace(result, probability=probability)
+    heat = gradcam_map_for_photo(head_model, scaled, faked, top_k=2)
+    x0, y0, x1, y1 = (round(v * scaled.width / photo.width) for v in faked.patch_box(0, cols - 1))
+    weak = heat[max(0, y0):y1, max(0, x0):x1]
+    assert weak.max() > 0  # the weaker region got one of the two explanations
+    assert weak.max() <= 0.6 + 1e-6  # at the map's probability for it, not at the crop's own

@@ -129,15 +129,29 @@ def explain_image(
     }
 
 
+def _crop_edge_padded(rgb: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """``rgb[y0:y1, x0:x1]`` where the box may reach past the photo, padded by repeating its edge pixels, as the
+    scan pads a photo smaller than a patch (a black border would be a different patch)."""
+    x0, y0, x1, y1 = box
+    height, width = rgb.shape[:2]
+    inner = rgb[max(0, y0):min(height, y1), max(0, x0):min(width, x1)]
+    if inner.size == 0:
+        return np.zeros((max(1, y1 - y0), max(1, x1 - x0), 3), dtype=np.uint8)
+    pad = ((max(0, -y0), max(0, y1 - height)), (max(0, -x0), max(0, x1 - width)), (0, 0))
+    return np.pad(inner, pad, mode="edge") if any(pad[0] + pad[1]) else inner
+
+
 def gradcam_map_for_photo(
     model: CrackModel, photo: Image.Image, result: "ScanResult", *, top_k: int = TOP_K
 ) -> np.ndarray:
     """Grad-CAM over a scanned photo: the strongest flagged patches explained and pasted in place.
 
-    Each chosen patch's heat is multiplied by its crack probability and the maps are combined by
-    maximum. Patches are taken strongest first, skipping any whose centre lies within half a patch
-    of one already taken, so ``top_k`` explanations spread over the regions; when nothing is flagged
-    the three strongest cells are explained (faintly, as their probability is low). Each Grad-CAM costs
+    Each chosen patch's heat is multiplied by its cell's probability in the map and the maps are combined
+    by maximum. Patches are taken from every flagged region in turn (each region's strongest cell first,
+    regions strongest first), skipping any whose centre lies within half a patch of one already taken, so
+    ``top_k`` explanations spread over the regions; when nothing is flagged the three strongest cells are
+    explained (as faintly as their probability is low). Patches reaching past the photo's edge are padded
+    with its edge pixels, as the scan pads them. Each Grad-CAM costs
     one patch's forward and backward pass, so the map stays cheap for any photo size.
 
     Args:
@@ -149,14 +163,28 @@ def gradcam_map_for_photo(
     Returns:
         A float32 map in [0, 1] with ``photo``'s height and width, for :func:`crackscan.scan.render_overlay`.
     """
+    from scipy import ndimage
+
     probability = result.probability
-    order = np.argsort(probability, axis=None)[::-1]
-    flagged = int((probability >= result.threshold).sum())
-    candidates = order[:flagged] if flagged else order[:3]
+    flagged = probability >= result.threshold
+    if flagged.any():
+        # Strongest cell of each region first (regions by their strongest cell), then each region's second, ...:
+        # a large region must not take every explanation while a weaker one gets none.
+        labels, _ = ndimage.label(flagged, structure=np.ones((3, 3), dtype=bool))
+        cells = np.flatnonzero(flagged)
+        cells = cells[np.argsort(-probability.flat[cells], kind="stable")]
+        rank = np.zeros(len(cells), dtype=int)
+        seen: dict[int, int] = {}
+        for i, label in enumerate(labels.flat[cells]):
+            rank[i] = seen.get(int(label), 0)
+            seen[int(label)] = rank[i] + 1
+        candidates = cells[np.argsort(rank, kind="stable")]
+    else:
+        candidates = np.argsort(probability, axis=None)[::-1][:3]
     ratio_x, ratio_y = photo.width / result.photo_size[0], photo.height / result.photo_size[1]
     heat = np.zeros((photo.height, photo.width), dtype=np.float32)
     taken: list[tuple[float, float]] = []
-    rgb = photo.convert("RGB")
+    rgb = np.asarray(photo.convert("RGB"))
     for flat in candidates:
         if len(taken) >= top_k:
             break
@@ -167,10 +195,13 @@ def gradcam_map_for_photo(
             continue
         taken.append(centre)
         box = (round(x0 * ratio_x), round(y0 * ratio_y), round(x1 * ratio_x), round(y1 * ratio_y))
-        patch = rgb.crop(box).resize((model.input_size, model.input_size), Image.Resampling.BILINEAR)
-        p, cam = gradcam(model, np.asarray(patch, dtype=np.uint8))
+        patch = Image.fromarray(_crop_edge_padded(rgb, box)).resize((model.input_size, model.input_size),
+                                                                    Image.Resampling.BILINEAR)
+        _, cam = gradcam(model, np.asarray(patch, dtype=np.uint8))
         w, h = box[2] - box[0], box[3] - box[1]
-        cam = np.asarray(Image.fromarray(cam * p, mode="F").resize((w, h), Image.Resampling.BILINEAR))
+        # Weighed by the map's probability for the cell, which the overlay's legend and the verdict read.
+        weight = float(probability[row, col])
+        cam = np.asarray(Image.fromarray(cam * weight, mode="F").resize((w, h), Image.Resampling.BILINEAR))
         # Paste the part that lies inside the photo.
         px0, py0 = max(0, box[0]), max(0, box[1])
         px1, py1 = min(photo.width, box[2]), min(photo.height, box[3])
