@@ -461,6 +461,19 @@ def test_pipes_and_devices_are_refused_without_reading_them(tmp_path):
             load_patch(path, 32)
 
 
+def test_sixteen_bit_images_are_scaled_band_by_band_as_a_whole(tmp_path):
+    from crackscan.images import _BAND_ROWS
+
+    # Taller than several bands, with values that round differently in every band.
+    rows = 3 * _BAND_ROWS + 17
+    values = np.random.default_rng(0).integers(0, 65536, (rows, 40), dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    expected = np.clip(values / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    pixels = np.asarray(load_image(tmp_path / "deep.png"))
+    assert pixels.shape == (rows, 40, 3)
+    np.testing.assert_array_equal(pixels[..., 0].astype(int), expected.astype(int))
+
+
 def test_floating_point_tiff_scaled_to_one_is_not_read_as_black(tmp_path):
     ramp = np.linspace(0.0, 1.0, 32 * 32, dtype=np.float32).reshape(32, 32)
     Image.fromarray(ramp, mode="F").save(tmp_path / "unit.tif")

@@ -113,3 +113,49 @@ def test_a_glob_matching_folders_searches_them_as_folders_named_are(tmp_path):
     assert list(expand_paths([str(tmp_path / "**")])) == [tmp_path / "site-a" / "p.jpg",
                                                           tmp_path / "site-b" / "deeper" / "p.jpg", found[0]]
 
+
+
+def test_python_api_takes_one_stream_or_bytes_like_as_one_image(tiny_model_path, images):
+    model = crackscan.load_model(tiny_model_path)
+    path = sorted(images.glob("*.jpg"))[0]
+    data = path.read_bytes()
+    expected = model.predict(path)[0].probability
+    with open(path, "rb") as stream:
+        sources = [stream, io.BytesIO(data), bytearray(data), memoryview(data), data]
+        for source in sources:
+            (prediction,) = model.predict(source)  # one image, not one per line or per byte
+            assert prediction.error is None and prediction.probability == pytest.approx(expected, abs=1e-6)
+
+
+def test_python_api_refuses_what_it_would_misread(tiny_model_path, images):
+    from PIL import Image
+
+    from crackscan.explain import explain_image
+    from crackscan.images import load_patch
+    from crackscan.scan import scan_scaled
+
+    model = crackscan.load_model(tiny_model_path)
+    path = sorted(images.glob("*.jpg"))[0]
+    with Image.open(path) as image:
+        for decoded in (np.asarray(image), image):  # pixels go to crack_probability, which says so
+            with pytest.raises(TypeError, match="crack_probability"):
+                model.predict(decoded)
+    patch = load_patch(path, model.input_size)[None]
+    for backend in ("torch", "onnx"):
+        # A float patch in [0, 1] became black and uint16 wrapped on one backend; each answered something.
+        for bad in (patch / 255.0, patch.astype(np.uint16) * 256):
+            with pytest.raises(TypeError, match="uint8"):
+                model.crack_probability(bad, backend=backend)
+        with pytest.raises(ValueError, match="input size"):
+            model.crack_probability(load_patch(path, model.input_size + 8)[None], backend=backend)
+    with pytest.raises(TypeError, match="uint8"):
+        scan_scaled(model, np.asarray(Image.open(path)) / 255.0, (64, 64))
+    for threshold in (2.0, float("nan")):
+        with pytest.raises(ValueError, match="threshold"):
+            model.predict(path, threshold=threshold)
+        with pytest.raises(ValueError, match="threshold"):
+            explain_image(model, path, images / "x.png", threshold=threshold)
+    with pytest.raises(ValueError, match="batch_size"):
+        model.predict(path, batch_size=0)  # every image was dropped without a word
+    with pytest.raises(TypeError, match="path, bytes or a binary stream"):
+        crackscan.images.read_source(42, "42")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from crackscan.images import ImageSource, describe, load_patch, oriented_size, read_source
-from crackscan.model import CrackModel
+from crackscan.model import CrackModel, check_image, check_threshold
 
 if TYPE_CHECKING:
     from crackscan.scan import ScanResult
@@ -43,7 +43,7 @@ def gradcam(model: CrackModel, pixels: np.ndarray) -> tuple[float, np.ndarray]:
         strongest evidence for a crack in this patch; all zeros when there is none).
     """
     module = model.network("Grad-CAM")
-    height, width = pixels.shape[:2]
+    height, width = check_image(pixels).shape[:2]
     batch = model.preprocess(np.array(pixels, dtype=np.uint8)[None])  # a writable copy: torch warns on read-only arrays
     # inference_mode(False): callers may sit inside torch.inference_mode(), where nothing can need a gradient.
     with torch.inference_mode(False):
@@ -92,6 +92,7 @@ def explain_image(
     """
     from crackscan.scan import font
 
+    check_threshold(threshold)
     name = describe(source)
     data = read_source(source, name)  # once: a stream cannot be read twice
     pixels = load_patch(data, model.input_size, name=name)

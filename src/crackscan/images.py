@@ -25,7 +25,7 @@ try:  # libjpeg-turbo without PIL's Python-side parsing (see _plain_jpeg); PIL g
 except ImportError:  # pragma: no cover - a platform without its wheels
     simplejpeg = None
 
-ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
+ImageSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO]
 
 #: File suffixes treated as images when a folder is searched.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
@@ -52,7 +52,7 @@ def describe(source: ImageSource) -> str:
     """A short name for an image source, for messages."""
     if isinstance(source, (str, os.PathLike)):
         return str(source)
-    if isinstance(source, bytes):
+    if isinstance(source, (bytes, bytearray, memoryview)):
         return f"<{len(source)} bytes>"
     return getattr(source, "name", "<stream>")
 
@@ -95,10 +95,12 @@ def read_source(source: ImageSource, name: str) -> bytes:
     """The bytes of a path, bytes or stream, or an ImageError (unreadable or empty) naming ``name``."""
     if isinstance(source, (str, os.PathLike)):
         data = read_bytes(source)
-    elif isinstance(source, bytes):
-        data = source
-    else:
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif hasattr(source, "read"):
         data = source.read()
+    else:
+        raise TypeError(f"an image source is a path, bytes or a binary stream, not {type(source).__name__}")
     if not data:
         raise ImageError(name, "empty file (0 bytes)")
     return data
@@ -157,18 +159,29 @@ def _open(source: ImageSource, name: str, max_pixels: int) -> Image.Image:
         raise ImageError(name, f"cannot decode ({str(err) or type(err).__name__})") from None
 
 
+#: Rows converted at a time from 16-bit and float images.
+_BAND_ROWS = 256
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB, scaling 16-bit and float data instead of clipping it."""
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        top = array.max(initial=0)
+        array = np.asarray(image)
+        top = float(array.max(initial=0))
         if image.mode == "F" and top <= 1.0:  # floating-point data scaled to [0, 1], as scientific TIFFs are
             high = 1.0
         else:
             high = 65535.0 if image.mode.startswith("I;16") or top > 255 else 255.0
-        gray = np.clip(array / high * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        # In bands of rows: float copies of a whole 100-MP image would take gigabytes for a 200-KB upload.
+        gray = np.empty(array.shape, dtype=np.uint8)
+        for start in range(0, array.shape[0], _BAND_ROWS):
+            band = array[start:start + _BAND_ROWS].astype(np.float64)
+            band *= 255.0 / high
+            band += 0.5
+            np.clip(band, 0, 255, out=band)
+            gray[start:start + _BAND_ROWS] = band  # truncates, after the + 0.5: rounds
         return Image.fromarray(gray, mode="L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Transparent pixels are composited on white, as a viewer shows them.

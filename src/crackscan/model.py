@@ -169,6 +169,36 @@ class Prediction:
         }
 
 
+def check_threshold(threshold: float | None) -> None:
+    """A decision threshold given by a caller must be a probability (NaN is not: it flags nothing)."""
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+
+
+def _check_uint8(pixels: Any, what: str) -> None:
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8:
+        kind = pixels.dtype if isinstance(pixels, np.ndarray) else type(pixels).__name__
+        raise TypeError(f"{what} must be a uint8 numpy array (0-255 RGB), got {kind}: a float or 16-bit array "
+                        "would be cast without a word (values wrap or become 0); scale floats in [0, 1] by 255")
+
+
+def check_image(pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` if it is an H x W x 3 uint8 RGB array, else a TypeError or ValueError saying what it is."""
+    _check_uint8(pixels, "an image's pixels")
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or 0 in pixels.shape:
+        raise ValueError(f"expected H x W x 3 RGB pixels, got shape {tuple(pixels.shape)}")
+    return pixels
+
+
+def check_patches(pixels: np.ndarray, size: int) -> None:
+    """Patches for the network must be N x size x size x 3 uint8 (see :func:`check_image`); a batch of another
+    size would be classified at the wrong scale."""
+    _check_uint8(pixels, "patches")
+    if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3):
+        raise ValueError(f"expected N x {size} x {size} x 3 patches at the model's input size, got shape "
+                         f"{tuple(pixels.shape)} (crackscan.images.load_patch brings an image to it)")
+
+
 @dataclass
 class CrackModel:
     """A loaded classifier and its metadata: what every command uses.
@@ -256,6 +286,7 @@ class CrackModel:
     @torch.inference_mode()
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """Raw logits for NxHxWx3 uint8 patches at the input size, with the PyTorch network."""
+        check_patches(pixels, self.input_size)
         return self.network("the torch backend")(self.preprocess(pixels)).float().numpy()
 
     def crack_probability(self, pixels: np.ndarray, backend: str = "auto") -> np.ndarray:
@@ -267,6 +298,7 @@ class CrackModel:
         """
         if len(pixels) == 0:
             return np.zeros(0, dtype=np.float32)
+        check_patches(pixels, self.input_size)
         if resolve_backend(backend) == "onnx" or (self.module is None and backend == "auto"):
             # Exported once, and again after the weights change (a library user fine-tuning a loaded model).
             made_from = None if self.module is None else weights_version(self.module)
@@ -290,10 +322,14 @@ class CrackModel:
         threshold: float | None = None,
         backend: str = "auto",
     ) -> list[Prediction]:
-        """Classify images (paths, bytes or streams); an unreadable one gets a Prediction with ``error`` set."""
+        """Classify images (paths, bytes or streams; one or many); an unreadable one gets a Prediction with
+        ``error`` set. Decoded pixels go to :meth:`crack_probability` instead."""
         from crackscan.predict import predict_sources
 
-        if isinstance(images, (str, os.PathLike, bytes)):
+        if isinstance(images, np.ndarray) or hasattr(images, "getpixel"):  # an array or a PIL image
+            raise TypeError("predict takes image files, bytes or streams; classify decoded pixels with "
+                            "crack_probability (N x S x S x 3 uint8, see crackscan.images.load_patch)")
+        if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(images, "read"):
             images = [images]
         return list(predict_sources(self, images, batch_size=batch_size, threshold=threshold, backend=backend))
 

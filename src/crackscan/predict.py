@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from crackscan.images import ImageError, ImageSource, describe, is_image_path, load_patch, oriented_size, read_source
-from crackscan.model import CrackModel, Prediction
+from crackscan.model import CrackModel, Prediction, check_threshold
 from crackscan.runtime import cpu_count
 
 
@@ -80,6 +80,9 @@ def predict_sources(
     workers: int | None = None,
 ) -> Iterator[Prediction]:
     """Yield one Prediction per source, in order; unreadable sources yield a Prediction with ``error``."""
+    check_threshold(threshold)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
     size = model.input_size
     workers = workers or max(2, cpu_count())
     iterator = iter(sources)
