@@ -204,3 +204,42 @@ def test_server_errors_are_shown_in_the_page(browser, server, tmp_path):
     assert "notes.jpg: not an image" in page.inner_text("#error")
     assert page.is_hidden("#result") and page.is_hidden("#busy")
     page.close()
+
+
+def set_patch_size(page, value: str, *, announce: bool) -> None:
+    """Type a patch size; ``announce`` commits it as leaving the field does (a change event)."""
+    page.evaluate("([v, announce]) => { const f = document.getElementById('patch-size'); f.value = v; "
+                  "if (announce) f.dispatchEvent(new Event('change')); }", [value, announce])
+
+
+def test_the_latest_upload_wins_and_a_new_patch_size_scans_again(browser, server, photo_path, tmp_path):
+    small = tmp_path / "small-photo.jpg"
+    concrete_photo(np.random.default_rng(9), 480, 360).save(small, quality=90)
+    page = browser.new_page()
+    page.goto(server + "/")
+    page.wait_for_function("() => document.getElementById('model-info').textContent.includes('varied')")
+
+    # A patch size the server refuses, then a good one: the same photo is scanned again without choosing it again.
+    set_patch_size(page, "31", announce=True)
+    page.set_input_files("#file", str(photo_path))
+    page.wait_for_selector("#error:not([hidden])", timeout=60_000)
+    assert "patch_size" in page.inner_text("#error")
+    set_patch_size(page, "227", announce=True)
+    page.wait_for_selector("#result:not([hidden])", timeout=120_000)
+    assert page.is_hidden("#error") and "wall-photo" in page.get_attribute("#download", "download")
+
+    # A slow scan (small patches: 4x the pixels) sent first and a quick one after it: the quick one is shown,
+    # however late the slow answer comes.
+    set_patch_size(page, "40", announce=False)
+    page.set_input_files("#file", str(photo_path))
+    set_patch_size(page, "227", announce=False)
+    page.set_input_files("#file", str(small))
+    page.wait_for_function("() => (document.getElementById('download').getAttribute('download') || '')"
+                           ".includes('small-photo')", timeout=120_000)
+    page.wait_for_load_state("networkidle", timeout=120_000)  # the slow answer has come back too
+    page.wait_for_timeout(300)
+    assert "small-photo" in page.get_attribute("#download", "download")
+    assert page.is_hidden("#busy")
+    # Probabilities are shown rounded down, as the server's overlay shows them.
+    assert page.evaluate("() => [down2(0.999997), down2(0.876), down2(0.5)]") == ["0.99", "0.87", "0.50"]
+    page.close()

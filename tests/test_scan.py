@@ -396,7 +396,7 @@ def test_decompression_bomb_is_refused(tiny_model, tmp_path):
 def test_too_small_patch_for_photo_is_refused(tiny_model, tmp_path):
     path = tmp_path / "wide.png"
     Image.new("RGB", (400, 300)).save(path)
-    with pytest.raises(ImageError, match="larger --patch-size"):
+    with pytest.raises(ImageError, match="larger patch size"):
         scan_photo(tiny_model, path, patch_size=8, max_pixels=1_000_000)
 
 

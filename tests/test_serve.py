@@ -208,7 +208,8 @@ def test_serve_refuses_what_it_cannot_run_in_one_line_before_loading(tiny_model_
         assert main(["serve", "--model", str(tiny_model_path), "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in err and len(err.splitlines()) == 1
-    for bad in (["--port", "99999"], ["--max-upload-mb", "nan"], ["--max-upload-mb", "inf"], ["--max-upload-mb", "-1"]):
+    for bad in (["--port", "99999"], ["--max-upload-mb", "nan"], ["--max-upload-mb", "inf"], ["--max-upload-mb", "-1"],
+                ["--max-upload-mb", "0.0000001"]):  # under one byte: it reached create_app's internal check
         with pytest.raises(SystemExit) as exited:
             main(["serve", *bad])
         assert exited.value.code == 2 and "Traceback" not in capsys.readouterr().err
@@ -495,3 +496,59 @@ def test_a_stalled_upload_is_answered_408_and_frees_its_slot(tiny_model_path, pa
         wait_for(url, "admitted", 0)
         assert httpx.post(url + "/predict", files={"file": ("a.jpg", patch_bytes, "image/jpeg")}).status_code == 200
         assert app.state.internal_errors == 0
+
+
+def test_a_trickled_upload_is_answered_408_too(tiny_model_path, patch_bytes):
+    # One byte every 0.3 s never pauses for read_timeout; 18 such uploads held every admission slot.
+    import select
+
+    app = create_app(str(tiny_model_path), max_concurrency=1, max_queue=0, read_timeout=1.0)
+    kind, body = multipart("file", "trickle.jpg", patch_bytes)
+    with live_server(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        conn = raw_request(port, head("/predict", kind, len(body)), body[:200])
+        started, answered = time.monotonic(), None
+        for byte in body[200:250]:
+            if select.select([conn], [], [], 0.3)[0]:
+                answered = read_response(conn)
+                break
+            try:
+                conn.sendall(bytes([byte]))
+            except OSError:
+                answered = read_response(conn)
+                break
+        conn.close()
+        assert answered is not None and answered[0] == 408, "the trickle was never cut off"
+        assert time.monotonic() - started < 5
+        wait_for(url, "admitted", 0)
+        assert app.state.internal_errors == 0
+
+
+def test_scan_refuses_a_patch_size_that_costs_too_much_work(tiny_model_path, photo_bytes):
+    # 640 x 480 at patch size 32 with the tiny model's 64-px input: 1280 x 960 pixels through the network.
+    with TestClient(create_app(str(tiny_model_path), max_scan_pixels=1_000_000)) as client:
+        files = {"photo": ("p.jpg", photo_bytes, "image/jpeg")}
+        refused = client.post("/scan", files=files, data={"patch_size": "32"})
+        assert refused.status_code == 422
+        assert "1280x960 pixels (at most 1 million); use a larger patch size" in refused.json()["detail"]
+        assert client.post("/scan", files=files, data={"patch_size": "64"}).status_code == 200
+
+
+def test_model_metadata_shows_no_server_paths_and_heads_answer(tiny_model_path, tmp_path):
+    from crackscan.model import load_model
+
+    model = load_model(tiny_model_path)
+    model.meta["training"] = {"data": "/srv/secret/site-photos", "out": "/srv/secret/runs", "weights": "imagenet",
+                              "epochs": 3}
+    model.meta["pretrained"] = "/srv/secret/weights/base.safetensors"
+    path = model.save(tmp_path / "m.safetensors")
+    with TestClient(create_app(str(path))) as client:
+        meta = client.get("/model").json()
+        assert meta["training"] == {"data": "site-photos", "out": "runs", "weights": "imagenet", "epochs": 3}
+        assert meta["pretrained"] == "base.safetensors" and "/srv" not in json.dumps(meta)
+        for url in ("/", "/health", "/model"):
+            assert client.head(url).status_code == 200, url
+        # The page under its static name carries the page's headers too (no framing, no sniffing).
+        copy = client.get("/static/index.html")
+        assert copy.status_code == 200 and "frame-ancestors 'none'" in copy.headers["content-security-policy"]
+        assert copy.headers["x-content-type-options"] == "nosniff"

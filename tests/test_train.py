@@ -324,6 +324,17 @@ def test_settings_that_cannot_make_a_model_are_refused_before_training(tiny_data
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("option, value", [("--hard-negatives", "5"), ("--hard-negatives", "-0.3"),
+                                           ("--crop-scale", "0"), ("--crop-scale", "1.5"), ("--jitter", "2"),
+                                           ("--head-lr", "0"), ("--finetune-lr", "nan")])
+def test_out_of_range_training_options_are_argument_errors(tiny_dataset, tmp_path, capsys, option, value):
+    # --hard-negatives 5 was capped at 100% and a negative value turned the feature off, both without a word.
+    with pytest.raises(SystemExit) as exited:
+        main(["train", str(tiny_dataset), "--out", str(tmp_path), option, value])
+    assert exited.value.code == 2 and f"argument {option}: must" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_run_whose_loss_is_never_finite_says_so(tiny_dataset, tmp_path, capsys):
     # A learning rate this large sends the head's weights and the validation loss to inf/NaN in the first steps.
     code = _tiny_train(tiny_dataset, tmp_path, "--head-lr", "1e30", "--dense-mosaics", "0", "--scan-mosaics", "0")

@@ -41,7 +41,10 @@ def _ranged(convert: Callable[[str], Any], within: Callable[[Any], bool], says: 
 _positive_int = _ranged(int, lambda v: v > 0, "be a positive integer", "positive integer")
 _non_negative_int = _ranged(int, lambda v: v >= 0, "be 0 or a positive integer", "integer")
 _port = _ranged(int, lambda v: 0 <= v <= 65535, "be a port number in 0..65535", "port")
-_upload_mb = _ranged(float, lambda v: 0 < v <= 10_000, "be a size in MB above 0 and at most 10000", "size")
+_upload_mb = _ranged(float, lambda v: 0.001 <= v <= 10_000, "be a size in MB from 0.001 to 10000", "size")
+_learning_rate = _ranged(float, lambda v: 0 < v < float("inf"), "be a positive learning rate", "learning rate")
+_crop_area = _ranged(float, lambda v: 0 < v <= 1, "be an area fraction above 0 and at most 1", "fraction")
+_share = _ranged(float, lambda v: 0 <= v <= 1, "lie in [0, 1]", "fraction")
 _probability = _ranged(float, lambda v: 0.0 <= v <= 1.0, "lie in [0, 1]", "probability")
 _fraction = _ranged(float, lambda v: 0.0 <= v < 1.0, "lie in [0, 1)", "fraction")
 
@@ -72,14 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, default=64)
     t.add_argument("--head-epochs", type=_non_negative_int, default=10, help="phase 1 epochs, base frozen (default: 10)")
     t.add_argument("--finetune-epochs", type=_non_negative_int, default=4, help="phase 2 epochs, upper base fine-tuned (default: 4)")
-    t.add_argument("--head-lr", type=float, default=3e-3, help="phase 1 learning rate (default: 3e-3)")
-    t.add_argument("--finetune-lr", type=float, default=2e-4)
+    t.add_argument("--head-lr", type=_learning_rate, default=3e-3, help="phase 1 learning rate (default: 3e-3)")
+    t.add_argument("--finetune-lr", type=_learning_rate, default=2e-4)
     t.add_argument("--unfreeze-from", type=int, default=14, help="first features[] block fine-tuned in phase 2")
     t.add_argument("--batchnorm", choices=("frozen", "train"), default="frozen",
                    help="BatchNorm statistics of fine-tuned blocks: keep ImageNet's (frozen) or update them")
     t.add_argument("--views", type=_positive_int, default=2,
                    help="views cached per training image: the image itself, then augmented ones (default: 2)")
-    t.add_argument("--hard-negatives", type=float, default=0.3, metavar="FRACTION",
+    t.add_argument("--hard-negatives", type=_share, default=0.3, metavar="FRACTION",
                    help="add this fraction of the training negatives again with drawn cables, straight or ragged "
                         "edges and joints, labelled no crack (default 0.3; 0 turns it off)")
     t.add_argument("--patience", type=_positive_int, default=2, help="early stopping patience in epochs")
@@ -102,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-augment", action="store_true", help="train without augmentation")
     t.add_argument("--no-flips", action="store_true")
     t.add_argument("--no-rot90", action="store_true")
-    t.add_argument("--crop-scale", type=float, default=0.7, help="smallest area kept by random crops (1 = no crop)")
-    t.add_argument("--jitter", type=float, default=0.15, help="colour/brightness jitter strength (0 = none)")
+    t.add_argument("--crop-scale", type=_crop_area, default=0.7, help="smallest area kept by random crops (1 = no crop)")
+    t.add_argument("--jitter", type=_share, default=0.15, help="colour/brightness jitter strength (0 = none)")
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
     e = sub.add_parser("evaluate", help="score a model on labelled images, with confidence intervals and plots")

@@ -75,7 +75,8 @@ from crackscan.images import (
     oriented_size,
     read_source,
 )
-from crackscan.model import INFERENCE_CHUNK, CrackModel, dense_kernel, resolve_backend, weights_version
+from crackscan.model import (INFERENCE_CHUNK, CrackModel, check_image, check_threshold, dense_kernel, resolve_backend,
+                             weights_version)
 
 #: Side of the dataset's patches in photo pixels (227-px crops of 4032x3024 photos): the default scale.
 PATCH_SIZE = 227
@@ -164,8 +165,7 @@ class ScanResult:
 
     def with_threshold(self, threshold: float) -> "ScanResult":
         """The same map judged at another threshold (verdict, fraction and regions recomputed)."""
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+        check_threshold(threshold)
         judged = replace(self, threshold=float(threshold))
         judged.verdict, judged.flagged_fraction, judged.regions = _assess(judged)
         return judged
@@ -240,7 +240,7 @@ def _assess(result: ScanResult) -> tuple[bool, float, list[dict[str, Any]]]:
 
 
 def decode_scaled(
-    source: ImageSource, scale: float, *, max_pixels: int = MAX_PIXELS
+    source: ImageSource, scale: float, *, max_pixels: int = MAX_PIXELS, max_scaled: int | None = None
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Decode a photo (EXIF applied) and resize it by ``scale``.
 
@@ -250,13 +250,21 @@ def decode_scaled(
     Raises:
         ImageError: Unreadable, too large, or so small a patch size that the scaled photo would be too large.
     """
-    _, scaled, size = _decode(source, scale, max_pixels)
+    _, scaled, size = _decode(source, scale, max_pixels, max_scaled)
     return scaled, size
 
 
-def _decode(source: ImageSource, scale: float, max_pixels: int = MAX_PIXELS
+def _check_scaled(name: str, size: tuple[int, int], target: tuple[int, int], max_scaled: int) -> None:
+    if target[0] * target[1] > max_scaled:
+        raise ImageError(name, f"refused: at this patch size the {size[0]}x{size[1]} photo would be scanned "
+                               f"at {target[0]}x{target[1]} pixels (at most {max_scaled / 1e6:g} million); "
+                               "use a larger patch size")
+
+
+def _decode(source: ImageSource, scale: float, max_pixels: int = MAX_PIXELS, max_scaled: int | None = None
             ) -> tuple[Image.Image, Image.Image, tuple[int, int]]:
     """:func:`decode_scaled`, plus the decoded image before its resize (for an overlay sharper than the scan)."""
+    max_scaled = max_pixels if max_scaled is None else max_scaled
     name = describe(source)
     data = read_source(source, name)
     # Cheap: a PNG's EXIF is not looked for by decoding it twice; when its orientation turns the photo, the
@@ -265,14 +273,13 @@ def _decode(source: ImageSource, scale: float, max_pixels: int = MAX_PIXELS
     target = None
     if size is not None:
         target = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
-        if target[0] * target[1] > max_pixels:
-            raise ImageError(name, f"refused: at this patch size the {size[0]}x{size[1]} photo would be scanned "
-                                   f"at {target[0]}x{target[1]} pixels; use a larger --patch-size")
+        _check_scaled(name, size, target, max_scaled)
     # The DCT draft only ever shrinks, and only by 1/2, 1/4 or 1/8 while still covering the target.
     decoded = load_image(data, reduce_to=target if scale < 1 else None, max_pixels=max_pixels, name=name)
     if size is None or target is None:
         size = decoded.size
         target = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+        _check_scaled(name, size, target, max_scaled)
     elif (decoded.width > decoded.height) != (size[0] > size[1]) and decoded.width != decoded.height:
         # The pixels decide: the header's reading of the orientation can differ from the decoder's (Pillow
         # versions differ in turning TIFFs upright themselves), and the scan must not stretch the photo.
@@ -608,8 +615,7 @@ def _check(patch_size: int, stride: int | None, threshold: float | None, method:
         raise ValueError(f"patch size must be at least 8 photo pixels, got {patch_size}")
     if stride is not None and stride < 1:
         raise ValueError(f"stride must be a positive number of photo pixels, got {stride}")
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+    check_threshold(threshold)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use {' or '.join(METHODS)}")
 
@@ -637,7 +643,10 @@ def scan_scaled(
     """
     _check(patch_size, stride, threshold, method, verify)
     started = time.perf_counter()
-    pixels = np.asarray(scaled.convert("RGB") if isinstance(scaled, Image.Image) else scaled, dtype=np.uint8)
+    if isinstance(scaled, Image.Image):
+        pixels = np.asarray(scaled.convert("RGB"))
+    else:
+        pixels = check_image(scaled)
     scale = model.input_size / patch_size
     cells = 1 if stride is None else max(1, round(stride * scale / NETWORK_STRIDE))
     work, grid = work_area(pixels, model.input_size, cells * NETWORK_STRIDE)

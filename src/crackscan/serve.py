@@ -13,7 +13,11 @@ at most ``max_concurrency + max_queue`` are admitted at once and the next one is
 ``Retry-After`` header straight away, so an overload never piles up bodies or threads.
 
 Slow clients. A client that pauses for ``read_timeout`` seconds while sending its body is answered
-408, which frees its admission slot.
+408, which frees its admission slot; so is one that trickles its body, slower on average than
+``MIN_UPLOAD_RATE`` after its first ``read_timeout`` seconds.
+
+Costly requests. A /scan runs the network over at most ``max_scan_pixels`` pixels of the scaled photo; a
+patch size that would need more is answered 422.
 
 Hostile input. Uploads are bytes in memory: no client value is ever used as a path (the filename is
 only echoed, sanitised). The body limit is checked on ``Content-Length`` before anything is read *and*
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import math
 import re
@@ -136,6 +141,10 @@ class UploadStalled(HTTPException):
         super().__init__(408, f"upload stalled: nothing received for {seconds:g} s")
 
 
+#: Bytes a second an upload must average after its first ``read_timeout`` seconds (a 30-MB photo: 16 minutes).
+MIN_UPLOAD_RATE = 32 * 1024
+
+
 class UploadGuard:
     """ASGI middleware: the body size limit and read timeout for every request, admission for the work endpoints."""
 
@@ -156,13 +165,17 @@ class UploadGuard:
             return
         received = 0
         body_done = False
+        started = time.monotonic()
 
         async def counted_receive() -> Message:
             nonlocal received, body_done
             if body_done:  # later calls wait for a disconnect, for as long as the response takes
                 return await receive()
+            # A pause of read_timeout is a stall; so is a trickle: a byte every few seconds never pauses that
+            # long, and 18 such uploads held every admission slot. The body must keep up a minimum rate.
+            deadline = started + self.read_timeout + received / MIN_UPLOAD_RATE
             try:
-                with anyio.fail_after(self.read_timeout):
+                with anyio.fail_after(max(0.0, min(self.read_timeout, deadline - time.monotonic()))):
                     message = await receive()
             except TimeoutError:
                 raise UploadStalled(self.read_timeout) from None
@@ -218,10 +231,18 @@ def safe_filename(name: str | None) -> str:
     return name or "upload"
 
 
+#: The most pixels one /scan may run the network over, after scaling the photo to the model's input size: a
+#: 12-MP photo at the default patch size is 2.2 million; at patch size 32 it was 110 million, 96 s and 3.5 GB
+#: of one request. This allows a 12-MP photo down to patch sizes of about 85 px.
+MAX_SCAN_PIXELS = 16_000_000
+
+
 def _refusal(err: ImageError, name: str) -> HTTPException:
     """The HTTP answer for an upload that is not a usable image, with a one-line message naming it."""
     reason = err.reason
-    if reason.startswith("refused"):
+    if reason.startswith("refused: at this patch size"):
+        status = 422  # the photo is fine; the patch_size field asks for too much work
+    elif reason.startswith("refused"):
         status = 413  # a decompression bomb or a photo too large to scan
     elif reason.startswith("not an image"):
         status = 415
@@ -247,13 +268,13 @@ def classify(model: CrackModel, data: bytes, name: str, backend: str) -> float:
 
 
 def scan_upload(model: CrackModel, data: bytes, name: str, patch_size: int, threshold: float | None,
-                backend: str = "auto") -> dict[str, Any]:
+                backend: str = "auto", max_scan_pixels: int = MAX_SCAN_PIXELS) -> dict[str, Any]:
     """Scan one uploaded photo: the summary plus the overlay, the photo and the map as data URLs."""
     from crackscan.scan import decode_scaled, probability_png, render_overlay, scan_scaled
 
     started = time.perf_counter()
     try:
-        scaled, photo_size = decode_scaled(data, model.input_size / patch_size)
+        scaled, photo_size = decode_scaled(data, model.input_size / patch_size, max_scaled=max_scan_pixels)
     except ImageError as err:
         raise ImageError(name, err.reason) from None
     result = scan_scaled(model, scaled, photo_size, patch_size=patch_size, threshold=threshold, source=name,
@@ -328,6 +349,7 @@ def create_app(
     max_queue: int = 16,
     backend: str = "auto",
     read_timeout: float = 60.0,
+    max_scan_pixels: int = MAX_SCAN_PIXELS,
 ) -> FastAPI:
     """The crackscan web service.
 
@@ -340,7 +362,10 @@ def create_app(
             :func:`crackscan.model.resolve_backend`) for /predict and for /scan's dense pass and verification
             crops (:func:`crackscan.scan.scan_scaled`).
         read_timeout: Seconds a client may pause while sending its body before it is answered 408
-            (a stalled upload would otherwise hold its admission slot).
+            (a stalled upload would otherwise hold its admission slot); the whole body must also arrive
+            within ``read_timeout`` seconds plus one second per :data:`MIN_UPLOAD_RATE` bytes sent.
+        max_scan_pixels: The most pixels a /scan runs the network over (the photo scaled by
+            ``input_size / patch_size``); a smaller patch size than that allows is answered 422.
 
     Returns:
         A FastAPI application; use it with ``TestClient(app)`` as a context manager, or with uvicorn.
@@ -416,20 +441,21 @@ def create_app(
         model: CrackModel = request.app.state.model
         name = safe_filename(photo.filename)
         data = await photo.read()
-        result = await work(scan_upload, model, data, name, patch_size, threshold, backend)
+        result = await work(scan_upload, model, data, name, patch_size, threshold, backend, max_scan_pixels)
         return result | {"model": request.app.state.model_name}
 
-    @app.get("/model", summary="The model's metadata")
+    @app.api_route("/model", methods=["GET", "HEAD"], summary="The model's metadata")
     async def model_meta(request: Request) -> dict:
-        return {"file": request.app.state.model_name, **request.app.state.model.meta}
+        return {"file": request.app.state.model_name, **public_meta(request.app.state.model.meta)}
 
-    @app.get("/health", response_model=Health, summary="Liveness and load")
+    @app.api_route("/health", methods=["GET", "HEAD"], response_model=Health, summary="Liveness and load")
     async def health(request: Request) -> dict:
         return {"status": "ok", "model": request.app.state.model_name, "workers": gate.workers,
                 "running": gate.running, "admitted": gate.admitted, "capacity": gate.capacity,
                 "max_upload_bytes": max_upload_bytes}
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    @app.api_route("/static/index.html", methods=["GET", "HEAD"], include_in_schema=False)  # not without its headers
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers=_PAGE_HEADERS)
 
@@ -447,6 +473,21 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 _PAGE_HEADERS = {"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff",
                  "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+
+#: Metadata fields that hold paths of the machine a model was trained on; /model gives only their last part.
+_PATH_FIELDS = {"training": ("data", "out", "weights", "manifest"), "": ("pretrained",)}
+
+
+def public_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """A model's metadata as /model shows it to anyone: file and folder names without the folders above them."""
+    shown = json.loads(json.dumps(meta))
+    for section, keys in _PATH_FIELDS.items():
+        fields = shown.get(section) if section else shown
+        for key in keys if isinstance(fields, dict) else ():
+            if isinstance(fields.get(key), str) and fields[key] not in ("imagenet", "none"):
+                fields[key] = Path(fields[key]).name
+    return shown
 
 
 def _warm_up(model: CrackModel, backend: str) -> None:

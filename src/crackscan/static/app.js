@@ -56,9 +56,18 @@ async function describeModel() {
   }
 }
 
+// Only the latest upload's answer is shown: a slow scan that ends after a newer one must not replace it.
+let latest = 0;
+let lastFile = null;
+
+// Probabilities shown rounded down, as the server's overlay shows them: 0.999997 is not "1.00".
+const down2 = (p) => (Math.floor(p * 100 + 1e-9) / 100).toFixed(2);
+
 async function upload(file) {
   els.error.hidden = true;
   if (!file) return;
+  lastFile = file;
+  const mine = ++latest;
   if (file.size > maxUpload) {
     showError(`${file.name}: ${(file.size / 1048576).toFixed(1)} MB is over the ` +
       `${(maxUpload / 1048576).toFixed(1)} MB upload limit.`);
@@ -74,6 +83,7 @@ async function upload(file) {
     const response = await fetch("/scan", { method: "POST", body: form });
     let body = null;
     try { body = await response.json(); } catch (_) { /* not JSON: reported below */ }
+    if (mine !== latest) return; // a newer upload has been sent since
     if (!response.ok) {
       let message = (body && typeof body.detail === "string") ? body.detail : `${response.status} ${response.statusText}`;
       const retry = response.headers.get("Retry-After");
@@ -81,17 +91,20 @@ async function upload(file) {
       showError(message);
       return;
     }
-    await show(body);
+    await show(body, mine);
   } catch (err) {
-    showError(`The upload failed: ${err.message || err}. Is the server still running?`);
+    if (mine === latest) showError(`The upload failed: ${err.message || err}. Is the server still running?`);
   } finally {
-    setBusy("");
-    els.drop.removeAttribute("aria-busy");
+    if (mine === latest) {
+      setBusy("");
+      els.drop.removeAttribute("aria-busy");
+    }
   }
 }
 
-async function show(scan) {
+async function show(scan, mine) {
   const photo = await loadImage(scan.photo);
+  if (mine !== latest) return;
   const [rows, cols] = scan.map_shape;
   // The exact probabilities (the map PNG in the answer holds them rounded to 1/255).
   const values = Float64Array.from(scan.probability.flat());
@@ -191,19 +204,25 @@ function render() {
   els.verdict.className = judged.is_crack ? "crack" : "clear";
   els.summary.textContent = judged.is_crack
     ? `${n} region${n === 1 ? "" : "s"} flagged, ${(100 * judged.flagged_fraction).toFixed(1)}% of the photo; ` +
-      `highest crack probability ${max.toFixed(2)}.`
-    : `No area reaches ${t.toFixed(2)} (highest crack probability ${max.toFixed(2)}).`;
+      `highest crack probability ${down2(max)}.`
+    : `No area reaches ${t.toFixed(2)} (highest crack probability ${down2(max)}).`;
   els.regionCount.textContent = `(${n})`;
   els.regions.replaceChildren(...judged.regions.map((region) => {
     const li = document.createElement("li");
     const [x0, y0, x1, y1] = region.box;
-    li.textContent = `max ${region.max_probability.toFixed(2)}, mean ${region.mean_probability.toFixed(2)}, ` +
+    li.textContent = `max ${down2(region.max_probability)}, mean ${down2(region.mean_probability)}, ` +
       `${(100 * region.area_fraction).toFixed(1)}% of the photo, box ${x0},${y0} – ${x1},${y1}`;
     return li;
   }));
 }
 
-els.file.addEventListener("change", () => upload(els.file.files[0]));
+els.file.addEventListener("change", () => {
+  const file = els.file.files[0];
+  els.file.value = ""; // so that choosing the same file again (after changing the patch size) scans it again
+  upload(file);
+});
+// A new patch size scans the last photo again.
+els.patch.addEventListener("change", () => { if (lastFile) upload(lastFile); });
 els.slider.addEventListener("input", render);
 for (const type of ["dragenter", "dragover"]) {
   els.drop.addEventListener(type, (event) => { event.preventDefault(); els.drop.classList.add("over"); });
