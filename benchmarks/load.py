@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+from datetime import datetime, timezone
 import tempfile
 import time
 from collections import Counter
@@ -238,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / ("load_quick.json" if args.quick else "load.json")
     document = {
         "benchmark": "load",
+        "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/load.py", *(sys.argv[1:] if argv is None else argv)]),
         "model": str(model), "model_origin": origin,
         "config": {"requests": args.requests, "concurrency": args.concurrency, "scan_every": args.scan_every,

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 import time
 from collections import Counter
@@ -55,7 +54,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import scan_options, variant_model  # noqa: E402
+from _common import scan_options, variant_model, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
@@ -340,7 +339,6 @@ def main() -> None:
         print(f"photo {photo['photo']}: {photo['verdict']} (expected {photo['expected']}) max {photo['max_probability']}, "
               f"{photo['regions']} region(s), {100 * photo['flagged_fraction']:.1f}% flagged")
     report = {
-        "benchmark": "mosaic",
         "quick": args.quick,
         "model": model.path,
         "threshold": model.threshold,
@@ -349,15 +347,13 @@ def main() -> None:
         "grid": [cols, rows],
         "mosaics": args.mosaics,
         "crack_share": args.crack_share,
-        "rows": report_rows,
         "photo_verdicts": verdicts,
         "photo_verdict_mosaics": verdict_photos,
         "photos": photos,
         "overlays": str(RESULTS / "scan-photos"),
     }
-    out = RESULTS / ("mosaic-quick.json" if args.quick else "mosaic.json" if args.part == "test" else f"mosaic_{args.part}.json")
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"results: {out}")
+    name = "mosaic_quick" if args.quick else "mosaic" if args.part == "test" else f"mosaic_{args.part}"
+    write_results(name, report_rows, report)  # with the command, time and machine
 
 
 if __name__ == "__main__":

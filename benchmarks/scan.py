@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import peak_rss_mb, scan_options, variant_model  # noqa: E402
+from _common import peak_rss_mb, scan_options, variant_model, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -220,22 +219,17 @@ def main() -> None:
     for name, values in agree.items():
         print(f"map agreement with crops, {name + ':':<14}" + ", ".join(f"{k} {v}" for k, v in values.items()))
     report = {
-        "benchmark": "scan",
         "quick": args.quick,
         "model": model_note,
         "photo": {"name": Path(str(args.photo or PHOTO)).name if not args.quick else "quick 1200-px copy",
                   "size": list(size)},
         "threads": args.threads,
-        "cpu": platform.processor() or platform.machine(),
-        "rows": rows,
         "speedup_dense_vs_crops": round(speedup, 2),
         "speedups": speedups,
         "agreement": agree,
         "goal": "dense 12-MP <= 1 s on 2 cores decode included; >= 5x faster than crops",
     }
-    out = RESULTS / ("scan-quick.json" if args.quick else "scan.json")
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"results: {out}")
+    write_results("scan_quick" if args.quick else "scan", rows, report)  # with the command, time and machine
 
 
 if __name__ == "__main__":

@@ -310,3 +310,25 @@ def test_export_cli_exit_code_says_skipped_parity_images(tiny_model_path, patche
     report = json.loads(captured.out)
     assert report["n_parity"] == 3 and len(report["skipped"]) == 1 and "broken.jpg" in captured.err
     assert (tmp_path / "m.onnx").is_file()
+
+
+def test_an_onnx_file_whose_metadata_does_not_match_its_graph_is_refused(fp32_export, tmp_path, capsys):
+    # Metadata edited to another input size: predict once died inside ONNX Runtime with a traceback.
+    _, path = fp32_export
+    proto = onnx.load(str(path))
+    for entry in proto.metadata_props:
+        if entry.key == "input_size":
+            entry.value = "128"
+        if entry.key == "crackscan":
+            entry.value = json.dumps(json.loads(entry.value) | {"input_size": 128})
+    edited = tmp_path / "edited.onnx"
+    onnx.save(proto, str(edited))
+    with pytest.raises(ModelError, match=r"its graph takes pixels tensor\(uint8\).*\[batch, 128, 128, 3\]"):
+        OnnxRunner.from_file(edited)
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (120, 120, 120)).save(image)
+    assert main(["predict", str(edited), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

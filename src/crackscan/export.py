@@ -357,6 +357,22 @@ def cell_logits_runner(model: CrackModel) -> Callable[[np.ndarray], np.ndarray]:
     return lambda pixels: _run(session, pixels[None])[0][0]
 
 
+def _check_graph(session: Any, meta: dict[str, Any], path: Path) -> None:
+    """The graph must take what its metadata says (uint8 N x S x S x 3 ``pixels``) and give ``logits`` for every
+    class: an edited or mismatched file would otherwise fail inside ONNX Runtime on the first batch."""
+    inputs, outputs = session.get_inputs(), {o.name: o for o in session.get_outputs()}
+    size, classes = int(meta["input_size"]), len(meta["classes"])
+    wanted = [size, size, 3]
+    if len(inputs) != 1 or inputs[0].name != INPUT or inputs[0].type != "tensor(uint8)" \
+            or list(inputs[0].shape[1:]) != wanted:
+        found = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
+        raise ModelError(f"{path}: its graph takes {found}, but its metadata says uint8 '{INPUT}' "
+                         f"[batch, {size}, {size}, 3]: not a crackscan export as written, or edited since")
+    shape = getattr(outputs.get(OUTPUT), "shape", None)
+    if shape is None or shape[-1] != classes:
+        raise ModelError(f"{path}: its graph gives no '{OUTPUT}' for the {classes} classes its metadata names")
+
+
 class OnnxRunner:
     """ONNX Runtime inference on uint8 NHWC patches; the fast backend of :class:`CrackModel`.
 
@@ -403,6 +419,7 @@ class OnnxRunner:
         if not isinstance(meta, dict):
             raise ModelError(f"{path}: its '{META_KEY}' metadata is a JSON {type(meta).__name__}, not an object")
         _check_meta(str(path), meta)  # the same checks a .safetensors model file passes
+        _check_graph(session, meta, path)
         return cls(session, meta, str(path))
 
     @property

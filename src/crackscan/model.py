@@ -35,7 +35,7 @@ FORMAT_VERSION = 1
 META_KEY = "crackscan"
 FEATURE_DIM = 1280
 #: Blocks of ``features`` from this index up are fine-tuned in phase 2 (the 160- and 320-channel
-#: inverted residuals and the final 1x1 conv: 86% of the parameters, 11% of the compute at any size).
+#: inverted residuals and the final 1x1 conv: 76% of the parameters, 30% of the FLOPs at any size).
 DEFAULT_UNFREEZE_FROM = 14
 
 SHIPPED_MODEL = "crack-mobilenetv2.safetensors"
