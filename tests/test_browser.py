@@ -243,3 +243,37 @@ def test_the_latest_upload_wins_and_a_new_patch_size_scans_again(browser, server
     # Probabilities are shown rounded down, as the server's overlay shows them.
     assert page.evaluate("() => [down2(0.999997), down2(0.876), down2(0.5)]") == ["0.99", "0.87", "0.50"]
     page.close()
+
+
+def test_a_file_over_the_limit_during_a_scan_and_quick_patch_size_steps(browser, tiny_model_path, photo_path,
+                                                                        tmp_path):
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff" * (3 * 1024 * 1024))  # never sent: the page checks the size first
+    with live_server(create_app(str(tiny_model_path), max_upload_bytes=2 * 1024 * 1024)) as url:
+        page = browser.new_page()
+        scans: list[str] = []
+        page.on("request", lambda r: scans.append(r.url) if r.method == "POST" else None)
+        page.goto(url + "/")
+        page.wait_for_function("() => document.getElementById('model-info').textContent.includes('tiny')")
+        set_patch_size(page, "40", announce=False)
+        page.set_input_files("#file", str(photo_path))  # a slow scan ...
+        page.wait_for_selector("#busy:not([hidden])")
+        page.set_input_files("#file", str(big))  # ... and, while it runs, a file over the limit
+        page.wait_for_selector("#error:not([hidden])")
+        assert "over the 2.0 MB upload limit" in page.inner_text("#error")
+        page.wait_for_load_state("networkidle", timeout=120_000)
+        assert page.is_hidden("#busy") and page.get_attribute("#drop", "aria-busy") is None
+        assert page.is_hidden("#result")  # the slow scan's answer is not shown under the later error
+
+        # Five steps of the patch size's arrows scan the photo once, after the last step.
+        set_patch_size(page, "227", announce=True)
+        page.set_input_files("#file", str(photo_path))
+        page.wait_for_selector("#result:not([hidden])", timeout=120_000)
+        before = len(scans)
+        for size in ("228", "229", "230", "231", "232"):
+            set_patch_size(page, size, announce=True)
+        page.wait_for_timeout(1500)
+        page.wait_for_load_state("networkidle", timeout=120_000)
+        assert len(scans) - before == 1, scans[before:]
+        page.wait_for_selector("#result:not([hidden])", timeout=120_000)
+        page.close()

@@ -284,8 +284,11 @@ def test_export_cli_refuses_outputs_and_inputs_before_the_work(tiny_model_path, 
     (tmp_path / "folder.onnx").mkdir()
     assert main(["export", str(model_copy), "-o", str(tmp_path / "folder.onnx")]) == 2
     assert "-o " + str(tmp_path / "folder.onnx") + ": cannot write a file there (a folder)" in capsys.readouterr().err
-    assert main(["export", str(model_copy), "-o", str(tmp_path / "absent" / "m.onnx")]) == 2
-    assert "cannot write a file there (no such folder)" in capsys.readouterr().err
+    (tmp_path / "plain-file").write_text("")
+    assert main(["export", str(model_copy), "-o", str(tmp_path / "plain-file" / "m.onnx")]) == 2
+    assert f"cannot write a file there ({tmp_path / 'plain-file'} is not a folder)" in capsys.readouterr().err
+    assert main(["export", str(model_copy), "-o", str(tmp_path / "M.ONNX")]) == 2  # predict would not know it
+    assert "must end in .onnx" in capsys.readouterr().err
     # A folder of images that holds none is an error, not a silent fall-back to generated patches.
     (tmp_path / "empty").mkdir()
     assert main(["export", str(model_copy), "--parity", str(tmp_path / "empty"), "-o", str(tmp_path / "p.onnx")]) == 2
@@ -296,7 +299,10 @@ def test_export_cli_refuses_outputs_and_inputs_before_the_work(tiny_model_path, 
     # Calibration images without --int8 would be ignored: said, not ignored.
     assert main(["export", str(model_copy), "--calibration", str(patches[0].parent), "-o", str(tmp_path / "c.onnx")]) == 2
     assert "--calibration is for --int8 exports only" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "folder.onnx", "mine.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "folder.onnx", "mine.safetensors", "plain-file"]
+    # A folder that does not exist yet is made, as before.
+    assert main(["export", str(model_copy), "-o", str(tmp_path / "new" / "deeper" / "m.onnx")]) == 0
+    assert (tmp_path / "new" / "deeper" / "m.onnx").is_file()
 
 
 def test_export_cli_exit_code_says_skipped_parity_images(tiny_model_path, patches, tmp_path, capsys):

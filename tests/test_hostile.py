@@ -474,6 +474,25 @@ def test_sixteen_bit_images_are_scaled_band_by_band_as_a_whole(tmp_path):
     np.testing.assert_array_equal(pixels[..., 0].astype(int), expected.astype(int))
 
 
+def test_a_sixteen_bit_image_costs_no_float_copies_of_itself():
+    # A 200-KB PNG can hold 100 million 16-bit pixels: float64 copies of the whole image took gigabytes.
+    import io
+    import tracemalloc
+
+    values = np.zeros((2000, 2000), dtype=np.uint16)
+    values[::7] = 40000
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG")
+    tracemalloc.start()
+    try:
+        load_image(buffer.getvalue())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # The pixels as numpy sees them (8 MB), the 8-bit result (4 MB) and bands: well under one float64 copy (32 MB).
+    assert peak < 3 * values.nbytes, f"{peak / 1e6:.0f} MB"
+
+
 def test_floating_point_tiff_scaled_to_one_is_not_read_as_black(tmp_path):
     ramp = np.linspace(0.0, 1.0, 32 * 32, dtype=np.float32).reshape(32, 32)
     Image.fromarray(ramp, mode="F").save(tmp_path / "unit.tif")

@@ -191,3 +191,13 @@ def test_train_with_hostile_weights_exits_2_without_running_them(tmp_path, state
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "weights_only=True" in lines[0], err
     assert not marker.exists()
+
+
+def test_a_failed_atomic_write_names_the_file_asked_for_and_leaves_no_temporary(tmp_path):
+    from crackscan.model import atomic_write
+
+    (tmp_path / "taken.onnx").mkdir()  # the rename fails: a folder is in the way
+    with pytest.raises(IsADirectoryError) as err:
+        atomic_write(tmp_path / "taken.onnx", lambda tmp: Path(tmp).write_bytes(b"graph"))
+    assert f"cannot write {tmp_path / 'taken.onnx'}" in str(err.value) and ".tmp" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.onnx"]

@@ -125,6 +125,9 @@ def test_python_api_takes_one_stream_or_bytes_like_as_one_image(tiny_model_path,
         for source in sources:
             (prediction,) = model.predict(source)  # one image, not one per line or per byte
             assert prediction.error is None and prediction.probability == pytest.approx(expected, abs=1e-6)
+    # An array of file names (a DataFrame column's values) is a list of images, as any iterable is.
+    names = np.array([str(p) for p in sorted(images.glob("*.jpg"))[:2]])
+    assert [p.source for p in model.predict(names)] == names.tolist()
 
 
 def test_python_api_refuses_what_it_would_misread(tiny_model_path, images):

@@ -504,7 +504,7 @@ def test_a_stalled_or_trickled_upload_is_answered_408_and_frees_its_slot(tiny_mo
                 break
         status, _, answer = read_response(slow)
         slow.close()
-        assert status == 408 and b"upload stalled" in answer
+        assert status == 408 and (b"upload too slow" if trickle else b"upload stalled: nothing received") in answer
         assert time.monotonic() - started < 5, "cut off only when the trickle ended"
         wait_for(url, "admitted", 0)
         assert httpx.post(url + "/predict", files={"file": ("a.jpg", patch_bytes, "image/jpeg")}).status_code == 200
@@ -519,6 +519,10 @@ def test_scan_refuses_a_patch_size_that_costs_too_much_work(tiny_model_path, pho
         assert refused.status_code == 422
         assert "1280x960 pixels (at most 1 million); use a larger patch size" in refused.json()["detail"]
         assert client.post("/scan", files=files, data={"patch_size": "64"}).status_code == 200
+    # At the default patch size or above, the service scans what the CLI scans: a large photo is not refused.
+    with TestClient(create_app(str(tiny_model_path), max_scan_pixels=1_000)) as client:
+        assert client.post("/scan", files=files, data={"patch_size": "227"}).status_code == 200
+        assert client.post("/scan", files=files, data={"patch_size": "226"}).status_code == 422
 
 
 def test_model_metadata_shows_no_server_paths_and_heads_answer(tiny_model_path, tmp_path):
@@ -527,12 +531,12 @@ def test_model_metadata_shows_no_server_paths_and_heads_answer(tiny_model_path, 
     model = load_model(tiny_model_path)
     model.meta["training"] = {"data": "/srv/secret/site-photos", "out": "/srv/secret/runs", "weights": "imagenet",
                               "epochs": 3}
-    model.meta["pretrained"] = "/srv/secret/weights/base.safetensors"
+    model.meta["pretrained"] = "file /srv/secret/weights/base.safetensors"  # as training writes it
     path = model.save(tmp_path / "m.safetensors")
     with TestClient(create_app(str(path))) as client:
         meta = client.get("/model").json()
         assert meta["training"] == {"data": "site-photos", "out": "runs", "weights": "imagenet", "epochs": 3}
-        assert meta["pretrained"] == "base.safetensors" and "/srv" not in json.dumps(meta)
+        assert meta["pretrained"] == "file base.safetensors" and "/srv" not in json.dumps(meta)
         for url in ("/", "/health", "/model"):
             assert client.head(url).status_code == 200, url
         # The page under its static name carries the page's headers too (no framing, no sniffing).

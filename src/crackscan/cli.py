@@ -294,11 +294,25 @@ def _note_a_whole_photo(command: str, source: object, size: Sequence[int], input
 
 
 def _check_output_file(target: Path, flag: str = "-o") -> None:
-    """Refuse, before any work, an output file that cannot be written."""
+    """Refuse, before any work, an output file that cannot be written in place (an existing file is judged by
+    its own permission: e.g. /dev/stdout, or a report in a folder this user may not write to)."""
     why = ("a folder" if target.is_dir()
            else ("permission denied" if not os.access(target, os.W_OK) else None) if target.exists()
            else "no such folder" if not target.parent.is_dir()
            else "permission denied" if not os.access(target.parent, os.W_OK) else None)
+    if why:
+        raise ValueError(f"{flag} {target}: cannot write a file there ({why})")
+
+
+def _check_output_replaced(target: Path, flag: str) -> None:
+    """Refuse, before any work, an output file written beside itself and renamed into place (as models and
+    exports are): what counts is its folder, created when missing, so the nearest folder that exists."""
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    why = ("a folder" if target.is_dir()
+           else f"{folder} is not a folder" if not folder.is_dir()
+           else "permission denied" if not os.access(folder, os.W_OK | os.X_OK) else None)
     if why:
         raise ValueError(f"{flag} {target}: cannot write a file there ({why})")
 
@@ -411,7 +425,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     suffix = ".int8.onnx" if args.int8 else ".onnx"
     # Default: the current folder, never inside the installed package where the shipped model lives.
     output = Path(args.output) if args.output else Path(Path(model.path).stem + suffix)
-    _check_output_file(output, "-o" if args.output else "the output file")  # before the work, not after
+    _check_output_replaced(output, "-o" if args.output else "the output file")  # before the work, not after
     calibration = _image_paths([args.calibration]) if args.calibration else None
     parity = _image_paths([args.parity]) if args.parity else None
     report = export_onnx(model, output, int8=args.int8, calibration=calibration, parity=parity)

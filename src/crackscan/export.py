@@ -591,7 +591,7 @@ def export_onnx(
             calibration/parity image.
     """
     path = Path(path)
-    if path.suffix.lower() != ".onnx":  # crackscan knows an ONNX model by its suffix; this also spares model files
+    if path.suffix != ".onnx":  # crackscan knows an ONNX model by this suffix; it also spares model files
         raise ValueError(f"{path}: an ONNX export's file name must end in .onnx")
     if int8 and not calibration:
         raise ValueError("int8 export needs calibration images (training images of every class, a few hundred)")

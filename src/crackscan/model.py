@@ -326,7 +326,8 @@ class CrackModel:
         ``error`` set. Decoded pixels go to :meth:`crack_probability` instead."""
         from crackscan.predict import predict_sources
 
-        if isinstance(images, np.ndarray) or hasattr(images, "getpixel"):  # an array or a PIL image
+        if (isinstance(images, np.ndarray) and images.dtype.kind in "biufc") or hasattr(images, "getpixel"):
+            # Pixels (an array of numbers, a PIL image); an array of file names is a list of images.
             raise TypeError("predict takes image files, bytes or streams; classify decoded pixels with "
                             "crack_probability (N x S x S x 3 uint8, see crackscan.images.load_patch)")
         if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(images, "read"):
@@ -448,6 +449,9 @@ def atomic_write(path: str | os.PathLike, fill: Callable[[str], None]) -> Path:
         # mkstemp makes the file private (0600) and the rename keeps that; give it the mode any new file gets.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a folder in the way: said of the file asked for
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -14,10 +14,10 @@ at most ``max_concurrency + max_queue`` are admitted at once and the next one is
 
 Slow clients. A client that pauses for ``read_timeout`` seconds while sending its body is answered
 408, which frees its admission slot; so is one that trickles its body, slower on average than
-``MIN_UPLOAD_RATE`` after its first ``read_timeout`` seconds.
+``MIN_UPLOAD_RATE`` beyond a first ``read_timeout`` seconds of grace.
 
-Costly requests. A /scan runs the network over at most ``max_scan_pixels`` pixels of the scaled photo; a
-patch size that would need more is answered 422.
+Costly requests. A /scan with a patch size below the default runs the network over at most
+``max_scan_pixels`` pixels of the scaled photo; a patch size that would need more is answered 422.
 
 Hostile input. Uploads are bytes in memory: no client value is ever used as a path (the filename is
 only echoed, sanitised). The body limit is checked on ``Content-Length`` before anything is read *and*
@@ -141,8 +141,18 @@ class UploadStalled(HTTPException):
         super().__init__(408, f"upload stalled: nothing received for {seconds:g} s")
 
 
-#: Bytes a second an upload must average after its first ``read_timeout`` seconds (a 30-MB photo: 16 minutes).
-MIN_UPLOAD_RATE = 32 * 1024
+class UploadTooSlow(HTTPException):
+    """The client sends its body, but so slowly that it would hold an admission slot for hours."""
+
+    def __init__(self, received: int, seconds: float):
+        super().__init__(408, f"upload too slow: {received / 1024:.0f} KB in {seconds:.0f} s, under the "
+                              f"{MIN_UPLOAD_RATE // 1024} KB/s the service asks for on average")
+
+
+#: Bytes a second an upload must average, beyond a first ``read_timeout`` seconds of grace: a GPRS-slow phone
+#: link passes (a 4-MB photo at 20 KB/s is well within it), a trickle of a byte every few seconds does not.
+#: It makes holding every slot cost a steady stream per slot; it cannot make it impossible.
+MIN_UPLOAD_RATE = 4 * 1024
 
 
 class UploadGuard:
@@ -174,10 +184,13 @@ class UploadGuard:
             # A pause of read_timeout is a stall; so is a trickle: a byte every few seconds never pauses that
             # long, and 18 such uploads held every admission slot. The body must keep up a minimum rate.
             deadline = started + self.read_timeout + received / MIN_UPLOAD_RATE
+            allowed = deadline - time.monotonic()
             try:
-                with anyio.fail_after(max(0.0, min(self.read_timeout, deadline - time.monotonic()))):
+                with anyio.fail_after(max(0.0, min(self.read_timeout, allowed))):
                     message = await receive()
             except TimeoutError:
+                if allowed < self.read_timeout:  # cut off by the rate, not by a pause
+                    raise UploadTooSlow(received, time.monotonic() - started) from None
                 raise UploadStalled(self.read_timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -193,7 +206,7 @@ class UploadGuard:
             return
         try:
             await self.app(scope, counted_receive, send)
-        except (UploadTooLarge, UploadStalled) as err:
+        except (UploadTooLarge, UploadStalled, UploadTooSlow) as err:
             # A safety net: FastAPI routes answer these HTTPExceptions themselves.
             await _answer(scope, receive, send, err.status_code, str(err.detail))
         finally:
@@ -231,9 +244,10 @@ def safe_filename(name: str | None) -> str:
     return name or "upload"
 
 
-#: The most pixels one /scan may run the network over, after scaling the photo to the model's input size: a
-#: 12-MP photo at the default patch size is 2.2 million; at patch size 32 it was 110 million, 96 s and 3.5 GB
-#: of one request. This allows a 12-MP photo down to patch sizes of about 85 px.
+#: The most pixels one /scan with a patch size below the default may run the network over, after scaling the
+#: photo to the model's input size: a 12-MP photo at patch size 32 was 110 million for the shipped 96-px model,
+#: 96 s and 3.5 GB of one request. At the default patch size or above, the service scans what the CLI scans.
+#: With the shipped model this allows a 12-MP photo down to patch sizes of about 85 px.
 MAX_SCAN_PIXELS = 16_000_000
 
 
@@ -274,7 +288,9 @@ def scan_upload(model: CrackModel, data: bytes, name: str, patch_size: int, thre
 
     started = time.perf_counter()
     try:
-        scaled, photo_size = decode_scaled(data, model.input_size / patch_size, max_scaled=max_scan_pixels)
+        # Smaller patches than the default multiply the work; at the default or above it is what scan costs.
+        limit = max_scan_pixels if patch_size < PATCH_SIZE else None
+        scaled, photo_size = decode_scaled(data, model.input_size / patch_size, max_scaled=limit)
     except ImageError as err:
         raise ImageError(name, err.reason) from None
     result = scan_scaled(model, scaled, photo_size, patch_size=patch_size, threshold=threshold, source=name,
@@ -364,8 +380,8 @@ def create_app(
         read_timeout: Seconds a client may pause while sending its body before it is answered 408
             (a stalled upload would otherwise hold its admission slot); the whole body must also arrive
             within ``read_timeout`` seconds plus one second per :data:`MIN_UPLOAD_RATE` bytes sent.
-        max_scan_pixels: The most pixels a /scan runs the network over (the photo scaled by
-            ``input_size / patch_size``); a smaller patch size than that allows is answered 422.
+        max_scan_pixels: The most pixels a /scan with a patch size below the default may run the network
+            over (the photo scaled by ``input_size / patch_size``); a patch size needing more is answered 422.
 
     Returns:
         A FastAPI application; use it with ``TestClient(app)`` as a context manager, or with uvicorn.
@@ -466,9 +482,11 @@ def create_app(
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "empty, truncated or damaged image"},
     413: {"description": "upload over the size limit, or an image with too many pixels"},
-    408: {"description": "the client stopped sending its upload for read_timeout seconds"},
+    408: {"description": "the client stopped sending its upload for read_timeout seconds, or sent it slower than "
+                          "MIN_UPLOAD_RATE on average"},
     415: {"description": "not an image"},
-    422: {"description": "missing file field or bad form values"},
+    422: {"description": "missing file field or bad form values, or a patch size below the default that would "
+                          "scan more than max_scan_pixels"},
     503: {"description": "busy: too many requests waiting (see Retry-After)"},
 }
 _PAGE_HEADERS = {"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff",
@@ -485,8 +503,8 @@ def public_meta(meta: dict[str, Any]) -> dict[str, Any]:
     for section, keys in _PATH_FIELDS.items():
         fields = shown.get(section) if section else shown
         for key in keys if isinstance(fields, dict) else ():
-            if isinstance(fields.get(key), str) and fields[key] not in ("imagenet", "none"):
-                fields[key] = Path(fields[key]).name
+            if isinstance(fields.get(key), str):  # "file /abs/w.safetensors" -> "file w.safetensors"
+                fields[key] = re.sub(r"\S*[/\\]\S*", lambda m: Path(m.group().replace("\\", "/")).name, fields[key])
     return shown
 
 

@@ -56,9 +56,12 @@ async function describeModel() {
   }
 }
 
-// Only the latest upload's answer is shown: a slow scan that ends after a newer one must not replace it.
+// Only the latest upload's answer is shown: a slow scan that ends after a newer one must not replace it,
+// and the page stops waiting for it (the server still finishes it: one slot of its queue).
 let latest = 0;
 let lastFile = null;
+let inFlight = null;
+let rescanTimer = 0;
 
 // Probabilities shown rounded down, as the server's overlay shows them: 0.999997 is not "1.00".
 const down2 = (p) => (Math.floor(p * 100 + 1e-9) / 100).toFixed(2);
@@ -67,8 +70,13 @@ async function upload(file) {
   els.error.hidden = true;
   if (!file) return;
   lastFile = file;
+  clearTimeout(rescanTimer);
   const mine = ++latest;
+  if (inFlight) inFlight.abort();
+  inFlight = null;
   if (file.size > maxUpload) {
+    setBusy("");
+    els.drop.removeAttribute("aria-busy");
     showError(`${file.name}: ${(file.size / 1048576).toFixed(1)} MB is over the ` +
       `${(maxUpload / 1048576).toFixed(1)} MB upload limit.`);
     return;
@@ -80,7 +88,8 @@ async function upload(file) {
   setBusy(`Scanning ${file.name}…`);
   els.drop.setAttribute("aria-busy", "true");
   try {
-    const response = await fetch("/scan", { method: "POST", body: form });
+    inFlight = new AbortController();
+    const response = await fetch("/scan", { method: "POST", body: form, signal: inFlight.signal });
     let body = null;
     try { body = await response.json(); } catch (_) { /* not JSON: reported below */ }
     if (mine !== latest) return; // a newer upload has been sent since
@@ -221,8 +230,12 @@ els.file.addEventListener("change", () => {
   els.file.value = ""; // so that choosing the same file again (after changing the patch size) scans it again
   upload(file);
 });
-// A new patch size scans the last photo again.
-els.patch.addEventListener("change", () => { if (lastFile) upload(lastFile); });
+// A new patch size scans the last photo again, once the field has stayed the same for a moment (each step of
+// its arrows is a change).
+els.patch.addEventListener("change", () => {
+  clearTimeout(rescanTimer);
+  if (lastFile) rescanTimer = setTimeout(() => upload(lastFile), 600);
+});
 els.slider.addEventListener("input", render);
 for (const type of ["dragenter", "dragover"]) {
   els.drop.addEventListener(type, (event) => { event.preventDefault(); els.drop.classList.add("over"); });
