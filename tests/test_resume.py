@@ -314,3 +314,29 @@ def test_resume_from_a_damaged_checkpoint_or_config_is_a_clear_error(unfinished_
     assert "not a readable training checkpoint" in resume_error(run_dir, capsys)
     atomic_save_tensors(run_dir / "checkpoint.safetensors", {"x": torch.ones(1)}, {META_KEY: json.dumps({"epoch": 1})})
     assert "not a readable training checkpoint" in resume_error(run_dir, capsys)
+
+
+def test_resume_works_from_another_folder_without_the_pretrained_file(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from crackscan.model import build_model, read_meta
+
+    work = tmp_path / "work"
+    data = make_dataset(work / "data", per_class=20, size=64)
+    weights = work / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in build_model().state_dict().items() if k.startswith("features.")},
+              str(weights))
+    monkeypatch.chdir(work)  # relative paths, as a user types them
+    assert main(["train", "data", "--out", "runs", "--name", "r", "--weights", "base.safetensors",
+                 "--input-size", "32", "--head-epochs", "1", "--finetune-epochs", "0", "--views", "1",
+                 "--run-length", "5", "--test-fraction", "0", "--dense-mosaics", "0", "--scan-mosaics", "0",
+                 "--quiet"]) == 0
+    run_dir = work / "runs" / "r"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["data"] == str(data.resolve()) and config["weights"] == str(weights.resolve())
+    pretrained = read_meta(run_dir / "model.safetensors")["pretrained"]
+    (run_dir / "model.safetensors").rename(run_dir / "best.safetensors")  # as if stopped after its last epoch
+    weights.unlink()  # the checkpoint holds the base's weights: the file is not needed to go on
+    monkeypatch.chdir(tmp_path)  # and the run goes on from another folder
+    assert main(["train", "--resume", "work/runs/r", "--quiet"]) == 0
+    assert read_meta(run_dir / "model.safetensors")["pretrained"] == pretrained

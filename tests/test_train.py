@@ -418,3 +418,31 @@ def test_evaluate_notes_when_it_scores_the_training_folder_itself(trained_run, t
     split = ["--split", str(trained_run / "split.csv")]
     assert main(["evaluate", model, str(tiny_dataset), *split, "--out", str(tmp_path / "test")]) == 0
     assert "trained on" not in capsys.readouterr().err
+
+
+def test_a_small_folder_of_ordinarily_numbered_files_trains_grouped_by_file(tmp_path, capsys):
+    # crack_001.jpg ... crack_030.jpg: one run of 500 numbers per class, too few groups for three splits.
+    from conftest import concrete_patch
+
+    rng = np.random.default_rng(4)
+    for folder, crack in (("crack", True), ("no_crack", False)):
+        (tmp_path / "mine" / folder).mkdir(parents=True)
+        for i in range(1, 31):
+            concrete_patch(rng, 64, crack).save(tmp_path / "mine" / folder / f"{folder}_{i:03d}.jpg")
+    args = ["train", str(tmp_path / "mine"), "--out", str(tmp_path / "runs"), "--weights", "none", "--quiet",
+            "--input-size", "32", "--head-epochs", "1", "--finetune-epochs", "0", "--views", "1",
+            "--dense-mosaics", "0", "--scan-mosaics", "0"]
+    assert main(args + ["--name", "r"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: runs of 500 consecutive file numbers gave a class fewer groups" in err
+    meta = read_meta(tmp_path / "runs" / "r" / "model.safetensors")
+    assert meta["grouping"].startswith("one group per file")
+    split = (tmp_path / "runs" / "r" / "split.csv").read_text()
+    assert "crack/file:crack/crack_001.jpg" in split
+    # A manifest says how files group: it is never overruled.
+    manifest = tmp_path / "groups.csv"
+    manifest.write_text("file,group\n" + "".join(f"{f}/{f}_{i:03d}.jpg,{f}\n" for f in ("crack", "no_crack")
+                                                 for i in range(1, 31)))
+    assert main(args + ["--name", "m", "--groups", str(manifest)]) == 2
+    assert "group(s) but the split needs at least 3" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "m").exists()  # a run refused before its first epoch leaves no folder

@@ -274,6 +274,12 @@ def assign_groups(dataset: Dataset, manifest: str | Path | None = None, run_leng
     return f"runs of {run_length} consecutive file numbers"
 
 
+def group_by_file(dataset: Dataset) -> None:
+    """Every sample its own group: the fall-back for data whose file numbers say nothing of its photos."""
+    for s in dataset.samples:
+        s.group = f"{dataset.classes[s.label]}/file:{s.rel}"
+
+
 def _run_group(sample: Sample, classes: Sequence[str], run_length: int) -> str:
     match = _NUMBER.search(sample.path.stem)
     cls = classes[sample.label]

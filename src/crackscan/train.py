@@ -21,6 +21,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +42,7 @@ from crackscan.data import (
     Dataset,
     apply_split,
     assign_groups,
+    group_by_file,
     find_classes,
     load_dataset,
     read_split,
@@ -346,6 +349,7 @@ class Trainer:
         self.writer = writer
         self.lower, self.upper = split_base(model, config.unfreeze_from)
         self.history: list[dict[str, Any]] = []
+        self.pretrained = ""  # where the base's weights came from, kept in checkpoints for a resumed run's record
         self.elapsed_offset = 0.0
         self.n_hard_negatives = 0
         self.saved_epochs = 0  # epochs held by the checkpoint on disk
@@ -599,6 +603,7 @@ class Trainer:
                     "best_val_loss": self.best_val_loss,
                     "best_epoch": self.best_epoch,
                     "history": self.history,
+                    "pretrained": self.pretrained,
                 }
                 # The checkpoint is the record; history.csv is rewritten from it and can never disagree.
                 save_checkpoint(self.run_dir / CHECKPOINT, self.model, opt, sched, progress)
@@ -647,6 +652,51 @@ def read_history(path: Path) -> list[dict[str, str]]:
 # The run
 
 
+def _prepare_data(config: TrainConfig, run_dir: Path, checkpoint: tuple[dict, dict] | None,
+                  say: Callable[..., None]) -> tuple[Dataset, str, str, dict[str, int]]:
+    """Decode the data, split it (or reuse a resumed run's split), and write split.csv and skipped.csv."""
+    dataset = load_dataset(config.data, config.input_size, crack_class=config.crack_class, quiet=config.quiet)
+    if checkpoint is not None:
+        # The epochs so far were trained on the data split.csv records; resuming on other data would mix two
+        # datasets in one model and one split record, so a changed folder is refused, and the record kept.
+        recorded = read_split(run_dir / "split.csv")
+        changes = split_changes(dataset, recorded)
+        if changes:
+            raise DataError(f"{config.data}: the data changed since this run started ({'; '.join(changes)}); "
+                            "resume with the data it started with, or start a new run")
+        apply_split(dataset, recorded)
+        grouping = "reused split.csv"
+        split_hash = hashlib.sha256((run_dir / "split.csv").read_bytes()).hexdigest()
+    else:
+        grouping = assign_groups(dataset, config.manifest, config.run_length)
+        try:
+            split_groups(dataset, config.val_fraction, config.test_fraction, config.seed)
+        except DataError:
+            if not grouping.startswith("runs of"):  # a manifest says how the files group: never overruled
+                raise
+            # Runs of file numbers are a guess that fits the Mendeley data; a small folder of a user's own
+            # files (crack_001.jpg ... crack_060.jpg) is one run, and "add images" would not help.
+            group_by_file(dataset)
+            split_groups(dataset, config.val_fraction, config.test_fraction, config.seed)
+            print(f"warning: {grouping} gave a class fewer groups than train, validation and test need; each "
+                  "file is its own group instead. If several files come from one photo they may now sit on both "
+                  "sides of the split and the test score will be optimistic: give --groups FILE (columns file, "
+                  "group) or a smaller --run-length", file=sys.stderr)
+            grouping = f"one group per file ({grouping} gave a class too few)"
+        split_hash = write_split(dataset, run_dir / "split.csv")
+    write_problems(dataset, run_dir / "skipped.csv")
+    counts = {s: len(dataset.indices(s)) for s in ("train", "val", "test")}
+    say(
+        f"data: {len(dataset.samples)} images ({', '.join(f'{k} {v}' for k, v in counts.items())}), "
+        f"{len(dataset.problems)} skipped, {len(dataset.duplicates)} duplicates merged; groups: {grouping}"
+    )
+    if dataset.problems:
+        say(f"skipped files are listed in {run_dir / 'skipped.csv'}")
+    if counts["train"] == 0 or counts["val"] == 0:
+        raise DataError("the split left no training or validation images; add data or change the fractions")
+    return dataset, grouping, split_hash, counts
+
+
 def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     """Train a crack classifier and leave a complete run folder behind.
 
@@ -689,44 +739,34 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
             stale.unlink(missing_ok=True)
     else:
         find_classes(Path(config.data), config.crack_class)  # a mistyped folder is the first thing said
+        # Absolute paths in config.json: `--resume` works from any folder, not only the one the run began in.
+        config.data = str(Path(config.data).resolve())
+        if config.manifest:
+            config.manifest = str(Path(config.manifest).resolve())
+        if config.weights not in (None, "imagenet", "none") and Path(config.weights).exists():
+            config.weights = str(Path(config.weights).resolve())
     torch.manual_seed(config.seed)
     say = (lambda *a: None) if config.quiet else (lambda *a: print(*a, flush=True))
 
     # Weights first: an offline machine learns it must pass --weights before minutes of decoding.
     model = build_model(dropout=config.dropout)
-    weights_source = load_pretrained_base(model, config.weights)
+    if checkpoint is None:
+        weights_source = load_pretrained_base(model, config.weights)
+    else:  # the checkpoint holds every weight, the frozen base's too: the pretrained file is not needed again
+        model.load_state_dict({k[6:]: v for k, v in checkpoint[0].items() if k.startswith("model.")})
+        weights_source = checkpoint[1].get("pretrained") or f"{config.weights} (the run's checkpoint)"
     model.to(memory_format=torch.channels_last)
     if resume is None:  # made once the cheap checks passed: a refused command leaves no run folder behind
         run_dir = new_run_dir(config.out, config.name)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     say(f"run folder: {run_dir}")
     say(f"pretrained base: {weights_source}")
-    dataset = load_dataset(config.data, config.input_size, crack_class=config.crack_class, quiet=config.quiet)
-    if checkpoint is not None:
-        # The epochs so far were trained on the data split.csv records; resuming on other data would mix two
-        # datasets in one model and one split record, so a changed folder is refused, and the record kept.
-        recorded = read_split(run_dir / "split.csv")
-        changes = split_changes(dataset, recorded)
-        if changes:
-            raise DataError(f"{config.data}: the data changed since this run started ({'; '.join(changes)}); "
-                            "resume with the data it started with, or start a new run")
-        apply_split(dataset, recorded)
-        grouping = "reused split.csv"
-        split_hash = hashlib.sha256((run_dir / "split.csv").read_bytes()).hexdigest()
-    else:
-        grouping = assign_groups(dataset, config.manifest, config.run_length)
-        split_groups(dataset, config.val_fraction, config.test_fraction, config.seed)
-        split_hash = write_split(dataset, run_dir / "split.csv")
-    write_problems(dataset, run_dir / "skipped.csv")
-    counts = {s: len(dataset.indices(s)) for s in ("train", "val", "test")}
-    say(
-        f"data: {len(dataset.samples)} images ({', '.join(f'{k} {v}' for k, v in counts.items())}), "
-        f"{len(dataset.problems)} skipped, {len(dataset.duplicates)} duplicates merged; groups: {grouping}"
-    )
-    if dataset.problems:
-        say(f"skipped files are listed in {run_dir / 'skipped.csv'}")
-    if counts["train"] == 0 or counts["val"] == 0:
-        raise DataError("the split left no training or validation images; add data or change the fractions")
+    try:
+        dataset, grouping, split_hash, counts = _prepare_data(config, run_dir, checkpoint, say)
+    except BaseException:
+        if checkpoint is None:  # nothing trained yet: a refused run leaves no run folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
     from torch.utils.tensorboard import SummaryWriter
@@ -735,6 +775,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     # Closed however the run ends (finished, interrupted, failed), so TensorBoard gets every scalar written.
     try:
         trainer = Trainer(config, run_dir, model, dataset, writer, started=started)
+        trainer.pretrained = weights_source
         trainer.build_caches()
         extra = f" (+{trainer.n_hard_negatives} drawn hard negatives)" if trainer.n_hard_negatives else ""
         say(f"cached base activations for {counts['val']} validation and {counts['train']}{extra} training images "
