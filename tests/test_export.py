@@ -233,8 +233,10 @@ def test_export_cli(tiny_model_path, tmp_path, capsys):
     assert code == 0
     # Written as any new file is (not private, 0600): a service running as another user can load it.
     assert stat.S_IMODE((tmp_path / "cli.onnx").stat().st_mode) == 0o644
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
     assert report["path"] == str(tmp_path / "cli.onnx") and report["max_abs_logit_diff"] < 1e-3
+    assert f"wrote {tmp_path / 'cli.onnx'}" in captured.err and "100.0% of 32 generated images" in captured.err
     assert OnnxRunner.from_file(tmp_path / "cli.onnx").meta == load_model(tiny_model_path).meta
     assert main(["export", str(tiny_model_path), "--int8", "-o", str(tmp_path / "q.onnx")]) == 2
     assert not (tmp_path / "q.onnx").exists()

@@ -159,6 +159,13 @@ def test_offline_without_weights_file_is_a_clear_error(tiny_dataset, tmp_path, c
     assert code == 2
     err = capsys.readouterr().err
     assert "--weights FILE" in err and "Traceback" not in err
+    # The one base every installation has offline is named: the shipped model, which works as a base.
+    from crackscan.model import default_model_path
+
+    assert str(default_model_path()) in err
+    assert main(["train", str(tiny_dataset), "--out", str(tmp_path), "--name", "s", "--quiet", "--input-size", "32",
+                 "--run-length", "5", "--weights", str(default_model_path()), "--head-epochs", "1",
+                 "--finetune-epochs", "0", "--views", "1", "--dense-mosaics", "0", "--scan-mosaics", "0"]) == 0
 
 
 def test_cli_defaults_match_the_library_defaults():
@@ -388,9 +395,11 @@ def test_evaluate_reports_go_beside_the_model_or_here_for_the_shipped_one(traine
     from crackscan.model import default_model_path
 
     monkeypatch.chdir(tmp_path)
-    assert main(["evaluate", str(default_model_path()), str(tiny_dataset), "--quiet"]) == 0
-    assert (tmp_path / f"eval-{tiny_dataset.name}" / "metrics.json").is_file()
+    assert main(["evaluate", str(tiny_dataset), "--quiet"]) == 0  # MODEL left out: the shipped one, as elsewhere
+    metrics = json.loads((tmp_path / f"eval-{tiny_dataset.name}" / "metrics.json").read_text())
+    assert metrics["model"] == str(default_model_path())
     assert not (default_model_path().parent / f"eval-{tiny_dataset.name}").exists()
+    assert main(["evaluate", "a", "b", "c"]) == 2
     # The test rows of a split and the whole folder get reports of their own.
     split = ["--split", str(trained_run / "split.csv")]
     assert main(["evaluate", str(trained_run / "model.safetensors"), str(tiny_dataset), *split, "--quiet"]) == 0
@@ -432,9 +441,10 @@ def test_a_small_folder_of_ordinarily_numbered_files_trains_grouped_by_file(tmp_
     args = ["train", str(tmp_path / "mine"), "--out", str(tmp_path / "runs"), "--weights", "none", "--quiet",
             "--input-size", "32", "--head-epochs", "1", "--finetune-epochs", "0", "--views", "1",
             "--dense-mosaics", "0", "--scan-mosaics", "0"]
-    assert main(args + ["--name", "r"]) == 0
-    err = capsys.readouterr().err
+    assert main([a for a in args if a != "--quiet"] + ["--name", "r"]) == 0
+    out, err = capsys.readouterr()
     assert "warning: runs of 500 consecutive file numbers gave a class fewer groups" in err
+    assert "crack class: crack/" in out  # which folder was taken for cracks is said, not left to guess
     meta = read_meta(tmp_path / "runs" / "r" / "model.safetensors")
     assert meta["grouping"].startswith("one group per file")
     split = (tmp_path / "runs" / "r" / "split.csv").read_text()
@@ -446,3 +456,14 @@ def test_a_small_folder_of_ordinarily_numbered_files_trains_grouped_by_file(tmp_
     assert main(args + ["--name", "m", "--groups", str(manifest)]) == 2
     assert "group(s) but the split needs at least 3" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "m").exists()  # a run refused before its first epoch leaves no folder
+
+
+def test_a_model_no_better_than_the_larger_class_is_called_so():
+    from crackscan.evaluate import compute_metrics
+    from crackscan.train import chance_warning
+
+    y = np.array([0] * 9 + [1] * 8)
+    always_no = compute_metrics(y, np.full(17, 0.1), 0.5)  # 9 of 17 right by answering "no crack" every time
+    assert "no better than always answering the larger class (0.5294)" in chance_warning(always_no)
+    learned = compute_metrics(y, y * 0.8 + 0.1, 0.5)
+    assert chance_warning(learned) is None

@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
     e = sub.add_parser("evaluate", help="score a model on labelled images, with confidence intervals and plots")
-    e.add_argument("model", help="model file (.safetensors) or run folder")
-    e.add_argument("data", help="folder with one subfolder per class")
+    e.add_argument("paths", nargs="+", metavar="[MODEL] DATA",
+                   help="model file (.safetensors or .onnx) or run folder (default: the shipped model), then a "
+                        "folder with one subfolder per class")
     e.add_argument("--split", metavar="SPLIT_CSV", help="a run's split.csv: score only its --subset rows (test)")
     e.add_argument("--subset", default="test", choices=("train", "val", "test"), help="rows of --split to score")
     e.add_argument("--target-recall", type=_probability,
@@ -256,9 +257,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from crackscan.evaluate import evaluate
 
-    from crackscan.model import is_shipped_model
+    from crackscan.model import default_model_path, is_shipped_model
 
-    model_path = Path(args.model)
+    if len(args.paths) > 2:
+        _err(f"evaluate takes [MODEL] DATA, got {len(args.paths)} paths: {' '.join(args.paths)}")
+        return EXIT_ERROR
+    args.model, args.data = (None, *args.paths) if len(args.paths) == 1 else args.paths
+    model_path = Path(args.model) if args.model else default_model_path()
     base = model_path if model_path.is_dir() else model_path.parent
     if is_shipped_model(model_path):
         base = Path.cwd()  # not into the installed package
@@ -277,6 +282,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{'roc_auc':<10} {metrics['roc_auc']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]")
     c = metrics["confusion"]
     print(f"confusion  tn {c['tn']}  fp {c['fp']}  fn {c['fn']}  tp {c['tp']}  (threshold {metrics['threshold']:.4f}, n {metrics['n']})")
+    # A bootstrap of a perfect score gives [1, 1]: say how the intervals were made, so that it is not read as certainty.
+    print(f"intervals: {metrics['ci_method']}")
     for line in metrics["skipped_files"]:
         print(f"skipped: {line}", file=sys.stderr)
     print(f"report: {out}")
@@ -430,6 +437,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     parity = _image_paths([args.parity]) if args.parity else None
     report = export_onnx(model, output, int8=args.int8, calibration=calibration, parity=parity)
     print(json.dumps(report.to_dict(), indent=2))
+    print(f"wrote {report.path} ({report.size_bytes / 1e6:.1f} MB); it matches PyTorch's labels on "
+          f"{100 * report.label_agreement:.1f}% of {report.n_parity} {report.parity_images} images", file=sys.stderr)
     return EXIT_SOME_FAILED if report.skipped else EXIT_OK  # each skipped image was reported as it was met
 
 

@@ -121,7 +121,9 @@ def load_pretrained_base(model: nn.Module, weights: str | os.PathLike | None) ->
             raise ModelError(
                 "cannot download torchvision's ImageNet weights for MobileNetV2 "
                 f"({type(err).__name__}: {err}). Offline? Pass a local state dict with "
-                "--weights FILE (.safetensors or .pth), or --weights none to train from scratch."
+                "--weights FILE (.safetensors or .pth); a crackscan model file serves too, e.g. the shipped "
+                f"{default_model_path()} (its base was fine-tuned on the Mendeley crack data: do not then score "
+                "the model on that data). --weights none trains from scratch, which needs far more images."
             ) from None
         source = f"torchvision {MobileNet_V2_Weights.IMAGENET1K_V1}"
     else:

@@ -652,6 +652,17 @@ def read_history(path: Path) -> list[dict[str, str]]:
 # The run
 
 
+def chance_warning(metrics: dict[str, Any]) -> str | None:
+    """What to tell a user whose model scores no better on its test rows than always answering the larger class."""
+    c = metrics["confusion"]
+    larger = max(c["tn"] + c["fp"], c["fn"] + c["tp"]) / max(1, metrics["n"])
+    if metrics["accuracy"] > larger:
+        return None
+    return (f"test accuracy {metrics['accuracy']:.4f} is no better than always answering the larger class "
+            f"({larger:.4f}): this model has not learned to tell cracks apart. Train from pretrained weights "
+            "(--weights), on more images, or for more epochs")
+
+
 def _prepare_data(config: TrainConfig, run_dir: Path, checkpoint: tuple[dict, dict] | None,
                   say: Callable[..., None]) -> tuple[Dataset, str, str, dict[str, int]]:
     """Decode the data, split it (or reuse a resumed run's split), and write split.csv and skipped.csv."""
@@ -688,7 +699,8 @@ def _prepare_data(config: TrainConfig, run_dir: Path, checkpoint: tuple[dict, di
     counts = {s: len(dataset.indices(s)) for s in ("train", "val", "test")}
     say(
         f"data: {len(dataset.samples)} images ({', '.join(f'{k} {v}' for k, v in counts.items())}), "
-        f"{len(dataset.problems)} skipped, {len(dataset.duplicates)} duplicates merged; groups: {grouping}"
+        f"{len(dataset.problems)} skipped, {len(dataset.duplicates)} duplicates merged; groups: {grouping}; "
+        f"crack class: {dataset.classes[dataset.crack_index]}/"
     )
     if dataset.problems:
         say(f"skipped files are listed in {run_dir / 'skipped.csv'}")
@@ -870,6 +882,9 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
                 f"test: accuracy {metrics['accuracy']:.4f} [{metrics['accuracy_ci'][0]:.4f}, {metrics['accuracy_ci'][1]:.4f}]"
                 f", recall {metrics['recall']:.4f}, precision {metrics['precision']:.4f} on {metrics['n']} images"
             )
+            warning = chance_warning(metrics)
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
         say(f"done in {time.perf_counter() - started:.0f}s. model: {model_path}")
         say(f"curves: {run_dir / 'curves.png'}  |  tensorboard --logdir {run_dir / 'tensorboard'}")
         return TrainResult(run_dir=run_dir, model_path=model_path, metrics=metrics, history=trainer.history,
