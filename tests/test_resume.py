@@ -316,10 +316,12 @@ def test_resume_from_a_damaged_checkpoint_or_config_is_a_clear_error(unfinished_
     assert "not a readable training checkpoint" in resume_error(run_dir, capsys)
 
 
-def test_resume_works_from_another_folder_without_the_pretrained_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "checkpoint-before-the-record"])
+def test_resume_works_from_another_folder_without_the_pretrained_file(tmp_path, monkeypatch, recorded):
     from safetensors.torch import save_file
 
     from crackscan.model import build_model, read_meta
+    from crackscan.train import read_checkpoint
 
     work = tmp_path / "work"
     data = make_dataset(work / "data", per_class=20, size=64)
@@ -337,6 +339,10 @@ def test_resume_works_from_another_folder_without_the_pretrained_file(tmp_path, 
     pretrained = read_meta(run_dir / "model.safetensors")["pretrained"]
     (run_dir / "model.safetensors").rename(run_dir / "best.safetensors")  # as if stopped after its last epoch
     weights.unlink()  # the checkpoint holds the base's weights: the file is not needed to go on
+    if not recorded:  # as written before checkpoints kept where the base came from
+        tensors, doc = read_checkpoint(run_dir / "checkpoint.safetensors")
+        doc.pop("pretrained")
+        atomic_save_tensors(run_dir / "checkpoint.safetensors", tensors, {META_KEY: json.dumps(doc)})
     monkeypatch.chdir(tmp_path)  # and the run goes on from another folder
     assert main(["train", "--resume", "work/runs/r", "--quiet"]) == 0
     assert read_meta(run_dir / "model.safetensors")["pretrained"] == pretrained

@@ -391,7 +391,7 @@ def test_evaluate_does_not_rewrite_the_shipped_model(trained_run, tiny_dataset, 
 
 
 def test_evaluate_reports_go_beside_the_model_or_here_for_the_shipped_one(trained_run, tiny_dataset, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, capsys):
     from crackscan.model import default_model_path
 
     monkeypatch.chdir(tmp_path)
@@ -399,7 +399,11 @@ def test_evaluate_reports_go_beside_the_model_or_here_for_the_shipped_one(traine
     metrics = json.loads((tmp_path / f"eval-{tiny_dataset.name}" / "metrics.json").read_text())
     assert metrics["model"] == str(default_model_path())
     assert not (default_model_path().parent / f"eval-{tiny_dataset.name}").exists()
-    assert main(["evaluate", "a", "b", "c"]) == 2
+    # A model without its DATA is said so, not scored as data by the shipped model.
+    for model in (trained_run, trained_run / "model.safetensors"):
+        capsys.readouterr()
+        assert main(["evaluate", str(model)]) == 2
+        assert f"{model} is a model: give the DATA to score after it" in capsys.readouterr().err
     # The test rows of a split and the whole folder get reports of their own.
     split = ["--split", str(trained_run / "split.csv")]
     assert main(["evaluate", str(trained_run / "model.safetensors"), str(tiny_dataset), *split, "--quiet"]) == 0
@@ -464,6 +468,13 @@ def test_a_model_no_better_than_the_larger_class_is_called_so():
 
     y = np.array([0] * 9 + [1] * 8)
     always_no = compute_metrics(y, np.full(17, 0.1), 0.5)  # 9 of 17 right by answering "no crack" every time
-    assert "no better than always answering the larger class (0.5294)" in chance_warning(always_no)
+    assert "test ROC-AUC 0.500: this model ranks cracks hardly better than chance" in chance_warning(always_no)
+    assert "--weights imagenet" in chance_warning(always_no, "none")
+    assert "--weights" not in chance_warning(always_no, "imagenet")
     learned = compute_metrics(y, y * 0.8 + 0.1, 0.5)
     assert chance_warning(learned) is None
+    # A threshold chosen for recall may cost accuracy without the model being any worse at ranking.
+    strict = compute_metrics(y, y * 0.8 + 0.1, 0.95)
+    assert strict["accuracy"] <= 9 / 17 and chance_warning(strict) is None
+    # Test rows of one class: nothing to rank, nothing to say.
+    assert chance_warning(compute_metrics(np.ones(5, int), np.full(5, 0.9), 0.5)) is None

@@ -110,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
     e = sub.add_parser("evaluate", help="score a model on labelled images, with confidence intervals and plots")
-    e.add_argument("paths", nargs="+", metavar="[MODEL] DATA",
-                   help="model file (.safetensors or .onnx) or run folder (default: the shipped model), then a "
-                        "folder with one subfolder per class")
+    e.add_argument("model", nargs="?", metavar="MODEL",
+                   help="model file (.safetensors or .onnx) or run folder (default: the shipped model)")
+    e.add_argument("data", metavar="DATA", help="folder with one subfolder per class")
     e.add_argument("--split", metavar="SPLIT_CSV", help="a run's split.csv: score only its --subset rows (test)")
     e.add_argument("--subset", default="test", choices=("train", "val", "test"), help="rows of --split to score")
     e.add_argument("--target-recall", type=_probability,
@@ -259,10 +259,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from crackscan.model import default_model_path, is_shipped_model
 
-    if len(args.paths) > 2:
-        _err(f"evaluate takes [MODEL] DATA, got {len(args.paths)} paths: {' '.join(args.paths)}")
+    if args.model is None and _split_model([args.data, ""], None)[0] is not None:
+        _err(f"{args.data} is a model: give the DATA to score after it (crackscan evaluate MODEL DATA)")
         return EXIT_ERROR
-    args.model, args.data = (None, *args.paths) if len(args.paths) == 1 else args.paths
     model_path = Path(args.model) if args.model else default_model_path()
     base = model_path if model_path.is_dir() else model_path.parent
     if is_shipped_model(model_path):

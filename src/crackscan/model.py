@@ -100,6 +100,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def describe_weights(weights: str | os.PathLike | None) -> str:
+    """How a run's metadata names a ``--weights`` value (what :func:`load_pretrained_base` returns), without
+    reading anything."""
+    if weights is None or str(weights).lower() == "none":
+        return "none (random initialisation)"
+    if str(weights).lower() == "imagenet":
+        return f"torchvision {MobileNet_V2_Weights.IMAGENET1K_V1}"
+    return f"file {Path(weights).resolve()}"
+
+
 def load_pretrained_base(model: nn.Module, weights: str | os.PathLike | None) -> str:
     """Put ImageNet weights into ``model.features``.
 
@@ -112,8 +122,9 @@ def load_pretrained_base(model: nn.Module, weights: str | os.PathLike | None) ->
     Returns:
         A description of the weights used, for the run's metadata.
     """
+    source = describe_weights(weights)
     if weights is None or str(weights).lower() == "none":
-        return "none (random initialisation)"
+        return source
     if str(weights).lower() == "imagenet":
         try:
             state = MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
@@ -125,10 +136,8 @@ def load_pretrained_base(model: nn.Module, weights: str | os.PathLike | None) ->
                 f"{default_model_path()} (its base was fine-tuned on the Mendeley crack data: do not then score "
                 "the model on that data). --weights none trains from scratch, which needs far more images."
             ) from None
-        source = f"torchvision {MobileNet_V2_Weights.IMAGENET1K_V1}"
     else:
         state = read_state_dict(weights)
-        source = f"file {Path(weights).resolve()}"
     features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
     if not features:
         raise ModelError(f"{weights}: no 'features.*' tensors: not a torchvision MobileNetV2 state dict")

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import dataclasses
 import shutil
 import sys
 import time
@@ -59,6 +60,7 @@ from crackscan.model import (
     ModelError,
     atomic_save_tensors,
     build_model,
+    describe_weights,
     load_pretrained_base,
     make_meta,
     save_model,
@@ -652,15 +654,23 @@ def read_history(path: Path) -> list[dict[str, str]]:
 # The run
 
 
-def chance_warning(metrics: dict[str, Any]) -> str | None:
-    """What to tell a user whose model scores no better on its test rows than always answering the larger class."""
-    c = metrics["confusion"]
-    larger = max(c["tn"] + c["fp"], c["fn"] + c["tp"]) / max(1, metrics["n"])
-    if metrics["accuracy"] > larger:
+#: A test ROC-AUC at or below this is called "hardly better than chance" (0.5).
+CHANCE_AUC = 0.6
+
+
+def chance_warning(metrics: dict[str, Any], weights: str | None = None) -> str | None:
+    """What to tell a user whose model ranks its test rows' cracks hardly better than chance.
+
+    Judged on ROC-AUC, which no threshold (e.g. one chosen for a target recall) can move; None when the test
+    rows hold one class only, where there is nothing to rank.
+    """
+    auc = metrics.get("roc_auc")
+    if auc is None or not np.isfinite(auc) or auc > CHANCE_AUC:
         return None
-    return (f"test accuracy {metrics['accuracy']:.4f} is no better than always answering the larger class "
-            f"({larger:.4f}): this model has not learned to tell cracks apart. Train from pretrained weights "
-            "(--weights), on more images, or for more epochs")
+    advice = ("train from pretrained weights (--weights imagenet, or a local file), with more images, or for more "
+              "epochs" if str(weights).lower() == "none" else "train with more images, or for more epochs")
+    return (f"test ROC-AUC {auc:.3f}: this model ranks cracks hardly better than chance (0.5) and has not learned "
+            f"to tell them apart; {advice}")
 
 
 def _prepare_data(config: TrainConfig, run_dir: Path, checkpoint: tuple[dict, dict] | None,
@@ -752,11 +762,12 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     else:
         find_classes(Path(config.data), config.crack_class)  # a mistyped folder is the first thing said
         # Absolute paths in config.json: `--resume` works from any folder, not only the one the run began in.
-        config.data = str(Path(config.data).resolve())
-        if config.manifest:
-            config.manifest = str(Path(config.manifest).resolve())
-        if config.weights not in (None, "imagenet", "none") and Path(config.weights).exists():
-            config.weights = str(Path(config.weights).resolve())
+        # (A copy: the caller's config is left as it was.)
+        keyword = config.weights is None or str(config.weights).lower() in ("imagenet", "none")
+        config = dataclasses.replace(
+            config, data=os.path.abspath(config.data),
+            manifest=os.path.abspath(config.manifest) if config.manifest else config.manifest,
+            weights=config.weights if keyword or not Path(config.weights).exists() else os.path.abspath(config.weights))
     torch.manual_seed(config.seed)
     say = (lambda *a: None) if config.quiet else (lambda *a: print(*a, flush=True))
 
@@ -765,8 +776,14 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     if checkpoint is None:
         weights_source = load_pretrained_base(model, config.weights)
     else:  # the checkpoint holds every weight, the frozen base's too: the pretrained file is not needed again
-        model.load_state_dict({k[6:]: v for k, v in checkpoint[0].items() if k.startswith("model.")})
-        weights_source = checkpoint[1].get("pretrained") or f"{config.weights} (the run's checkpoint)"
+        try:
+            model.load_state_dict({k[6:]: v for k, v in checkpoint[0].items() if k.startswith("model.")})
+        except RuntimeError as err:
+            detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+            raise ModelError(f"{run_dir / CHECKPOINT}: its weights do not fit this crackscan's model ({detail}); "
+                             "this run cannot be resumed, start a new one") from None
+        # Checkpoints written before the record was kept: named as a fresh run would name it.
+        weights_source = checkpoint[1].get("pretrained") or describe_weights(config.weights)
     model.to(memory_format=torch.channels_last)
     if resume is None:  # made once the cheap checks passed: a refused command leaves no run folder behind
         run_dir = new_run_dir(config.out, config.name)
@@ -882,7 +899,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
                 f"test: accuracy {metrics['accuracy']:.4f} [{metrics['accuracy_ci'][0]:.4f}, {metrics['accuracy_ci'][1]:.4f}]"
                 f", recall {metrics['recall']:.4f}, precision {metrics['precision']:.4f} on {metrics['n']} images"
             )
-            warning = chance_warning(metrics)
+            warning = chance_warning(metrics, config.weights)
             if warning:
                 print(f"warning: {warning}", file=sys.stderr)
         say(f"done in {time.perf_counter() - started:.0f}s. model: {model_path}")
