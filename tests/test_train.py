@@ -63,6 +63,9 @@ def test_checkpoint_round_trip_and_metadata(trained_run, tiny_dataset):
     assert meta["input_size"] == 64 and len(meta["mean"]) == 3 and 0 <= meta["threshold"] <= 1
     assert meta["training"]["head_epochs"] == 2 and len(meta["split_sha256"]) == 64
     assert "torch" in meta["versions"] and "test" in meta["metrics"]
+    import onnxruntime
+
+    assert meta["versions"]["onnxruntime"] == onnxruntime.__version__  # it computes the frozen base's features
     # The same folder loads too, and a saved copy predicts identically.
     again = load_model(trained_run)
     files = sorted((tiny_dataset / "Positive").glob("*.jpg"))[:4]

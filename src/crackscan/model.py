@@ -393,8 +393,19 @@ def package_versions() -> dict[str, str]:
         "torchvision": torchvision.__version__,
         "numpy": np.__version__,
         "pillow": PIL.__version__,
+        # Training computes the frozen base's features with ONNX Runtime when it is installed.
+        "onnxruntime": _installed_version("onnxruntime"),
         "python": platform.python_version(),
     }
+
+
+def _installed_version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def make_meta(
