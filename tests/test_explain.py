@@ -152,12 +152,12 @@ def test_explain_with_an_onnx_model_is_one_error_before_any_output(tiny_model_pa
 
 
 def test_crop_edge_padded_repeats_the_photos_edge_as_the_scan_pads():
-    from crackscan.explain import _crop_edge_padded
+    from crackscan.scan import crop_edge_padded
 
     rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    assert np.array_equal(_crop_edge_padded(rgb, (1, 1, 4, 3)), rgb[1:3, 1:4])
+    assert np.array_equal(crop_edge_padded(rgb, (1, 1, 4, 3)), rgb[1:3, 1:4])
     expected = np.pad(rgb, ((2, 3), (1, 4), (0, 0)), mode="edge")  # box (-1, -2, 11, 8)
-    assert np.array_equal(_crop_edge_padded(rgb, (-1, -2, 11, 8)), expected)
+    assert np.array_equal(crop_edge_padded(rgb, (-1, -2, 11, 8)), expected)
 
 
 def test_gradcam_map_explains_every_flagged_region_weighed_by_the_map(head_model):

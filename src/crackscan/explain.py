@@ -130,18 +130,6 @@ def explain_image(
     }
 
 
-def _crop_edge_padded(rgb: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    """``rgb[y0:y1, x0:x1]`` where the box may reach past the photo, padded by repeating its edge pixels, as the
-    scan pads a photo smaller than a patch (a black border would be a different patch)."""
-    x0, y0, x1, y1 = box
-    height, width = rgb.shape[:2]
-    inner = rgb[max(0, y0):min(height, y1), max(0, x0):min(width, x1)]
-    if inner.size == 0:
-        return np.zeros((max(1, y1 - y0), max(1, x1 - x0), 3), dtype=np.uint8)
-    pad = ((max(0, -y0), max(0, y1 - height)), (max(0, -x0), max(0, x1 - width)), (0, 0))
-    return np.pad(inner, pad, mode="edge") if any(pad[0] + pad[1]) else inner
-
-
 def gradcam_map_for_photo(
     model: CrackModel, photo: Image.Image, result: "ScanResult", *, top_k: int = TOP_K
 ) -> np.ndarray:
@@ -164,14 +152,14 @@ def gradcam_map_for_photo(
     Returns:
         A float32 map in [0, 1] with ``photo``'s height and width, for :func:`crackscan.scan.render_overlay`.
     """
-    from scipy import ndimage
+    from crackscan.scan import crop_edge_padded, label_regions
 
     probability = result.probability
     flagged = probability >= result.threshold
     if flagged.any():
         # Strongest cell of each region first (regions by their strongest cell), then each region's second, ...:
         # a large region must not take every explanation while a weaker one gets none.
-        labels, _ = ndimage.label(flagged, structure=np.ones((3, 3), dtype=bool))
+        labels = label_regions(flagged)
         cells = np.flatnonzero(flagged)
         cells = cells[np.argsort(-probability.flat[cells], kind="stable")]
         rank = np.zeros(len(cells), dtype=int)
@@ -196,7 +184,7 @@ def gradcam_map_for_photo(
             continue
         taken.append(centre)
         box = (round(x0 * ratio_x), round(y0 * ratio_y), round(x1 * ratio_x), round(y1 * ratio_y))
-        patch = Image.fromarray(_crop_edge_padded(rgb, box)).resize((model.input_size, model.input_size),
+        patch = Image.fromarray(crop_edge_padded(rgb, box)).resize((model.input_size, model.input_size),
                                                                     Image.Resampling.BILINEAR)
         _, cam = gradcam(model, np.asarray(patch, dtype=np.uint8))
         w, h = box[2] - box[0], box[3] - box[1]

@@ -210,6 +210,13 @@ def _edges(n: int, origin: float, stride: float, patch: float, size: int) -> np.
     return np.clip(edges, 0.0, float(size))
 
 
+def label_regions(flagged: np.ndarray) -> np.ndarray:
+    """The map's regions: flagged cells touching by a side or a corner share a label (1, 2, ...; 0 elsewhere)."""
+    from scipy import ndimage
+
+    return ndimage.label(flagged, structure=np.ones((3, 3), dtype=bool))[0]
+
+
 def _assess(result: ScanResult) -> tuple[bool, float, list[dict[str, Any]]]:
     """Verdict, flagged area fraction and regions of a map at its threshold."""
     from scipy import ndimage
@@ -219,7 +226,7 @@ def _assess(result: ScanResult) -> tuple[bool, float, list[dict[str, Any]]]:
         return False, 0.0, []
     xs, ys = result.cell_edges()
     area = np.outer(np.diff(ys), np.diff(xs)) / float(result.photo_size[0] * result.photo_size[1])
-    labels, count = ndimage.label(flagged, structure=np.ones((3, 3), dtype=bool))
+    labels = label_regions(flagged)
     regions = []
     for index, (rows, cols) in enumerate(ndimage.find_objects(labels), start=1):
         member = labels[rows, cols] == index
@@ -319,18 +326,25 @@ def _plan(width: int, height: int, window: int, step: int) -> _Grid:
     return _Grid(rows=rows, cols=cols, step=step, window=window, offset=(x, y))
 
 
+def crop_edge_padded(rgb: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """``rgb[y0:y1, x0:x1]`` where the box may reach past the image, padded there by repeating its edge pixels:
+    how a scan pads a photo smaller than a patch (a black border would make another patch of it)."""
+    x0, y0, x1, y1 = box
+    height, width = rgb.shape[:2]
+    inner = rgb[max(0, y0):min(height, y1), max(0, x0):min(width, x1)]
+    if inner.size == 0:
+        return np.zeros((max(1, y1 - y0), max(1, x1 - x0), 3), dtype=np.uint8)
+    pad = ((max(0, -y0), max(0, y1 - height)), (max(0, -x0), max(0, x1 - width)), (0, 0))
+    return np.pad(inner, pad, mode="edge") if any(pad[0] + pad[1]) else inner
+
+
 def _work_pixels(scaled: np.ndarray, grid: _Grid) -> np.ndarray:
     """The part of the scaled photo the patches cover (edge-padded when the photo is smaller than a patch)."""
     x, y = grid.offset
     width = grid.window + (grid.cols - 1) * grid.step
     height = grid.window + (grid.rows - 1) * grid.step
     # Only an axis shorter than a patch is padded (its offset is then negative); the other may be longer.
-    pad_y = (max(0, -y), max(0, y + height - scaled.shape[0]))
-    pad_x = (max(0, -x), max(0, x + width - scaled.shape[1]))
-    if any(pad_y + pad_x):
-        scaled = np.pad(scaled, (pad_y, pad_x, (0, 0)), mode="edge")
-        x, y = x + pad_x[0], y + pad_y[0]
-    return scaled[y:y + height, x:x + width]
+    return crop_edge_padded(scaled, (x, y, x + width, y + height))
 
 
 def work_area(pixels: np.ndarray, window: int, step: int = NETWORK_STRIDE) -> tuple[np.ndarray, _Grid]:
