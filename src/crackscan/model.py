@@ -100,12 +100,20 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def weights_keyword(weights: str | os.PathLike | None) -> str | None:
+    """``"none"`` or ``"imagenet"`` when a ``--weights`` value is one of those words (any case, None for none),
+    else None: a file."""
+    word = "none" if weights is None else str(weights).lower()
+    return word if word in ("none", "imagenet") else None
+
+
 def describe_weights(weights: str | os.PathLike | None) -> str:
     """How a run's metadata names a ``--weights`` value (what :func:`load_pretrained_base` returns), without
     reading anything."""
-    if weights is None or str(weights).lower() == "none":
+    keyword = weights_keyword(weights)
+    if keyword == "none":
         return "none (random initialisation)"
-    if str(weights).lower() == "imagenet":
+    if keyword == "imagenet":
         return f"torchvision {MobileNet_V2_Weights.IMAGENET1K_V1}"
     return f"file {Path(weights).resolve()}"
 
@@ -123,9 +131,10 @@ def load_pretrained_base(model: nn.Module, weights: str | os.PathLike | None) ->
         A description of the weights used, for the run's metadata.
     """
     source = describe_weights(weights)
-    if weights is None or str(weights).lower() == "none":
+    keyword = weights_keyword(weights)
+    if keyword == "none":
         return source
-    if str(weights).lower() == "imagenet":
+    if keyword == "imagenet":
         try:
             state = MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
         except Exception as err:  # urllib, ssl, socket: all mean "no weights"

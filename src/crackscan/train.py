@@ -21,13 +21,12 @@ import hashlib
 import json
 import math
 import os
-import dataclasses
 import shutil
 import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -43,8 +42,8 @@ from crackscan.data import (
     Dataset,
     apply_split,
     assign_groups,
-    group_by_file,
     find_classes,
+    group_by_file,
     load_dataset,
     read_split,
     split_changes,
@@ -65,6 +64,7 @@ from crackscan.model import (
     make_meta,
     save_model,
     split_base,
+    weights_keyword,
 )
 from crackscan.runtime import cpu_count, parallel_map
 from crackscan.transforms import IMAGENET_MEAN, IMAGENET_STD, Augment, TrainPreset, man_made_negative, normalize_batch
@@ -524,9 +524,8 @@ class Trainer:
     def fit(self, resume: tuple[dict, dict] | None = None) -> None:
         c = self.config
         start_phase, start_epoch, phase_epoch0 = 0, 0, 0
-        if resume is not None:
+        if resume is not None:  # its weights are in the model already: train() loads them before the caches
             tensors, doc = resume
-            self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
             if RNG_KEY in tensors:  # checkpoints written before it was kept resume with a fresh seed
                 torch.set_rng_state(tensors[RNG_KEY])
             self.history = doc["history"]
@@ -668,7 +667,7 @@ def chance_warning(metrics: dict[str, Any], weights: str | None = None) -> str |
     if auc is None or not np.isfinite(auc) or auc > CHANCE_AUC:
         return None
     advice = ("train from pretrained weights (--weights imagenet, or a local file), with more images, or for more "
-              "epochs" if str(weights).lower() == "none" else "train with more images, or for more epochs")
+              "epochs" if weights_keyword(weights) == "none" else "train with more images, or for more epochs")
     return (f"test ROC-AUC {auc:.3f}: this model ranks cracks hardly better than chance (0.5) and has not learned "
             f"to tell them apart; {advice}")
 
@@ -763,11 +762,11 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         find_classes(Path(config.data), config.crack_class)  # a mistyped folder is the first thing said
         # Absolute paths in config.json: `--resume` works from any folder, not only the one the run began in.
         # (A copy: the caller's config is left as it was.)
-        keyword = config.weights is None or str(config.weights).lower() in ("imagenet", "none")
-        config = dataclasses.replace(
+        a_file = weights_keyword(config.weights) is None and Path(config.weights).exists()
+        config = replace(
             config, data=os.path.abspath(config.data),
             manifest=os.path.abspath(config.manifest) if config.manifest else config.manifest,
-            weights=config.weights if keyword or not Path(config.weights).exists() else os.path.abspath(config.weights))
+            weights=os.path.abspath(config.weights) if a_file else config.weights)
     torch.manual_seed(config.seed)
     say = (lambda *a: None) if config.quiet else (lambda *a: print(*a, flush=True))
 
