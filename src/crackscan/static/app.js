@@ -27,9 +27,15 @@ function showError(message) {
   els.error.hidden = false;
 }
 
+// The spinner and, for screen readers, the drop zone's aria-busy: one state, set in one place.
 function setBusy(text) {
   els.busy.hidden = !text;
-  if (text) els.busyText.textContent = text;
+  if (text) {
+    els.busyText.textContent = text;
+    els.drop.setAttribute("aria-busy", "true");
+  } else {
+    els.drop.removeAttribute("aria-busy");
+  }
 }
 
 async function loadImage(src) {
@@ -76,7 +82,6 @@ async function upload(file) {
   inFlight = null;
   if (file.size > maxUpload) {
     setBusy("");
-    els.drop.removeAttribute("aria-busy");
     showError(`${file.name}: ${(file.size / 1048576).toFixed(1)} MB is over the ` +
       `${(maxUpload / 1048576).toFixed(1)} MB upload limit.`);
     return;
@@ -86,7 +91,6 @@ async function upload(file) {
   form.append("patch_size", els.patch.value || "227");
   els.result.hidden = true; // never show the last photo's verdict beside a new upload
   setBusy(`Scanning ${file.name}…`);
-  els.drop.setAttribute("aria-busy", "true");
   try {
     inFlight = new AbortController();
     const response = await fetch("/scan", { method: "POST", body: form, signal: inFlight.signal });
@@ -104,10 +108,7 @@ async function upload(file) {
   } catch (err) {
     if (mine === latest) showError(`The upload failed: ${err.message || err}. Is the server still running?`);
   } finally {
-    if (mine === latest) {
-      setBusy("");
-      els.drop.removeAttribute("aria-busy");
-    }
+    if (mine === latest) setBusy("");
   }
 }
 
