@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import sys
@@ -18,19 +17,9 @@ def machine() -> dict[str, Any]:
     """Where a figure was measured: it only means something next to this."""
     import torch
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": cores, "python": platform.python_version(), "torch": torch.__version__,
+    from crackscan.runtime import cpu_count, cpu_name
+
+    return {"cpu": cpu_name(), "cores": cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
 
 

@@ -131,7 +131,10 @@ def write_card(run: Path, scans: list[dict], data: Path, metrics: dict[str, dict
 crackscan command when no model is named. **A decision aid: it does not replace a professional structural
 assessment.** A "no crack" answer does not mean a structure is sound.
 
-All figures below are written by `scripts/ship_model.py` from the run it trains; rerun it to reproduce them.
+All figures below are written by `scripts/ship_model.py` from the run it trains. Rerun on the same processor with
+the same packages (the model file's `versions`), it gives the same run to the last digit; on another processor
+PyTorch and ONNX Runtime choose other kernels, sums differ in their last bits, and training amplifies that into
+another model with similar figures (the README's Results give one such run).
 
 ## Model
 - Architecture: torchvision MobileNetV2 (width 1.0), new head: dropout {meta['dropout']} + linear 1280 → 2.

@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import IMAGENET_WEIGHTS
 from crackscan.cli import main
 from crackscan.model import load_model, read_meta
+from crackscan.runtime import cpu_name
 
 
 def weights_arg() -> str:
@@ -66,6 +67,8 @@ def test_checkpoint_round_trip_and_metadata(trained_run, tiny_dataset):
     import onnxruntime
 
     assert meta["versions"]["onnxruntime"] == onnxruntime.__version__  # it computes the frozen base's features
+    # Kernels follow the processor's instruction sets: the processor is part of what a run depends on.
+    assert meta["versions"]["cpu"] == cpu_name() and cpu_name() not in ("", "unknown")
     # The same folder loads too, and a saved copy predicts identically.
     again = load_model(trained_run)
     files = sorted((tiny_dataset / "Positive").glob("*.jpg"))[:4]

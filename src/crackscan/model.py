@@ -27,6 +27,7 @@ from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
 from crackscan.images import ImageSource
+from crackscan.runtime import cpu_name
 from crackscan.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
 
 ARCHITECTURE = "mobilenet_v2"
@@ -390,7 +391,7 @@ def resolve_backend(backend: str) -> str:
 
 
 def package_versions() -> dict[str, str]:
-    """Versions that a result depends on, recorded in every model file."""
+    """Versions (and the processor) that a result depends on, recorded in every model file."""
     import PIL
     import torchvision
 
@@ -405,6 +406,8 @@ def package_versions() -> dict[str, str]:
         # Training computes the frozen base's features with ONNX Runtime when it is installed.
         "onnxruntime": _installed_version("onnxruntime"),
         "python": platform.python_version(),
+        # Kernels are chosen by instruction set: the same run on another processor is another run.
+        "cpu": cpu_name(),
     }
 
 

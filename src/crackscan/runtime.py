@@ -14,6 +14,7 @@ import ctypes.util
 import mmap
 import multiprocessing
 import os
+import platform
 import signal
 import sys
 import warnings
@@ -66,6 +67,23 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux, else what :mod:`platform` knows).
+
+    PyTorch and ONNX Runtime choose their kernels by the processor's instruction sets, so the same training
+    on another processor differs in the last bits of its sums, and training amplifies that: model files and
+    benchmark results record it beside the package versions.
+    """
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def shared_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
