@@ -199,6 +199,9 @@ concrete walls and floors photographed from about 1 m, where one 227-px patch co
   farther shots.
 - Stains, joints, formwork lines, cables, shadows, hair-like debris and edges can look like cracks (the
   test errors in `predictions.png` include such cases); label noise exists in the dataset itself.
+- Plaster broken away at fittings (a socket box, a frame) looks like a crack to it, and to every variant
+  trained here: the crack-free wall photo is flagged there (the README's Results). The training negatives are
+  bare concrete; they hold nothing of the kind.
 - Crack width, depth, activity and structural significance are not estimated.
 - Dataset: 458 photos from one campus (METU); lighting, cameras and concrete types beyond it are untested.
 
