@@ -191,12 +191,16 @@ def _version() -> str:
     return f"crackscan {__version__}"
 
 
+def _names_model(path: str) -> bool:
+    """A .safetensors or .onnx file, or a run folder: what a ``[MODEL]`` argument looks like."""
+    where = Path(path)
+    return where.suffix in (".safetensors", ".onnx") or (where.is_dir() and (where / "model.safetensors").is_file())
+
+
 def _split_model(paths: list[str], model: str | None) -> tuple[str | None, list[str]]:
-    """``[MODEL] PATH...``: a leading .safetensors or .onnx file, or a run folder, is the model."""
-    if model is None and len(paths) > 1:
-        first = Path(paths[0])
-        if first.suffix in (".safetensors", ".onnx") or (first.is_dir() and (first / "model.safetensors").is_file()):
-            return paths[0], paths[1:]
+    """``[MODEL] PATH...``: a leading model (see :func:`_names_model`) before other paths is the model."""
+    if model is None and len(paths) > 1 and _names_model(paths[0]):
+        return paths[0], paths[1:]
     return model, paths
 
 
@@ -259,7 +263,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from crackscan.model import default_model_path, is_shipped_model
 
-    if args.model is None and _split_model([args.data, ""], None)[0] is not None:
+    if args.model is None and _names_model(args.data):
         _err(f"{args.data} is a model: give the DATA to score after it (crackscan evaluate MODEL DATA)")
         return EXIT_ERROR
     model_path = Path(args.model) if args.model else default_model_path()

@@ -25,7 +25,7 @@ try:  # libjpeg-turbo without PIL's Python-side parsing (see _plain_jpeg); PIL g
 except ImportError:  # pragma: no cover - a platform without its wheels
     simplejpeg = None
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO]
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
 #: File suffixes treated as images when a folder is searched.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
